@@ -1,0 +1,117 @@
+"""Pure-PyTorch selective scan and cross-scan: the exact reference, and the CPU path of every model.
+
+The S6 recurrence (Gu & Dao, "Mamba", 2023), per batch b, channel d and state n:
+
+    dt_t  = softplus(delta_t + delta_bias)            (softplus and bias optional)
+    h_t   = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B[n, t] * u_t
+    y_t   = sum_n C[n, t] * h_t + D[d] * u_t
+    out_t = y_t * silu(z_t)                           (gate optional)
+
+Within a chunk of T positions the recurrence has the closed form (S_t = sum_{r <= t} dt_r * A, a cumulative
+log-decay)
+
+    h_t = exp(S_t) * (h_0 + sum_{s <= t} exp(-S_s) * dt_s * B_s * u_s)
+
+which is a handful of vectorised cumsum/exp ops over (batch, dim, N, T) instead of T Python steps. It is
+computed in float64; a chunk whose log-decay spans more than ``_MAX_LOG_RANGE`` (where exp would leave
+float64's range) is halved until it fits, down to single steps, so the result is exact for every input.
+"""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan_ref", "cross_scan_ref", "cross_merge_ref", "cross_selective_scan_ref"]
+
+_CHUNK = 64
+_MAX_LOG_RANGE = 600.0  # exp(600) ~ 1e260: exp(+-S) and its cumsum stay inside float64's range
+
+
+def _scan_chunk(h, log_a, bu):
+    """States h_t of one chunk (..., N, T) from the state h (..., N) before it, by the closed form; halves
+    the chunk where its log-decay leaves float64's exp range, and steps where one position does."""
+    T = log_a.shape[-1]
+    S = log_a.cumsum(-1)
+    if S.abs().amax() <= _MAX_LOG_RANGE:
+        return S.exp() * (h[..., None] + (bu * (-S).exp()).cumsum(-1))  # no division: its gradient overflows
+    if T == 1:
+        return (log_a.exp() * h[..., None] + bu)
+    first = _scan_chunk(h, log_a[..., :T // 2], bu[..., :T // 2])
+    second = _scan_chunk(first[..., -1], log_a[..., T // 2:], bu[..., T // 2:])
+    return torch.cat([first, second], -1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, reverse=False):
+    """Reference scan on validated inputs; B and C are grouped (batch, G, N, L). See `selective_scan`."""
+    f64 = torch.float64
+    batch, dim, L = u.shape
+    G, N = B.shape[1], B.shape[2]
+    u64 = u.to(f64)
+    dt = delta.to(f64)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f64)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    # channels as (G, dim // G) so that B and C broadcast over a group's channels without copies
+    A5 = A.to(f64).view(1, G, dim // G, N, 1)
+    dt5 = dt.view(batch, G, dim // G, 1, L)
+    bu5 = (dt * u64).view(batch, G, dim // G, 1, L) * B.to(f64)[:, :, None]
+    C5 = C.to(f64)[:, :, None]
+    if reverse:
+        dt5, bu5, C5 = dt5.flip(-1), bu5.flip(-1), C5.flip(-1)
+
+    h = u64.new_zeros(batch, G, dim // G, N)
+    ys = []
+    for s in range(0, L, _CHUNK):
+        hs = _scan_chunk(h, dt5[..., s:s + _CHUNK] * A5, bu5[..., s:s + _CHUNK])
+        h = hs[..., -1]
+        ys.append((hs * C5[..., s:s + _CHUNK]).sum(-2))
+    h = h.reshape(batch, dim, N)
+    y = torch.cat(ys, -1).reshape(batch, dim, L)
+    if reverse:
+        y = y.flip(-1)
+    if D is not None:
+        y = y + D.to(f64)[:, None] * u64
+    if z is not None:
+        y = y * F.silu(z.to(f64))
+    y = y.to(u.dtype)
+    return (y, h.float()) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VMamba's four scan orders of a (batch, C, H, W) map: k=0 row-major, k=1 column-major, k=2 and k=3 the same
+# two reversed. cross_merge is the adjoint: every direction's output back to row-major, summed.
+# ---------------------------------------------------------------------------------------------------------
+def cross_scan_ref(x):
+    """(batch, C, H, W) -> (batch, 4, C, H*W) in the four scan orders."""
+    rows = x.flatten(2)
+    cols = x.transpose(2, 3).flatten(2)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], 1)
+
+
+def cross_merge_ref(y):
+    """(batch, 4, C, H, W), direction k laid out in scan order k, -> (batch, C, H*W) row-major sum."""
+    b, k, c, H, W = y.shape
+    y = y.flatten(3)
+    rows = y[:, 0] + y[:, 2].flip(-1)
+    cols = y[:, 1] + y[:, 3].flip(-1)
+    return rows + cols.view(b, c, W, H).transpose(2, 3).flatten(2)
+
+
+def _to_scan_orders(t):
+    """(batch, 4, C, H, W) per-direction maps in row-major layout -> (batch, 4, C, L), slice k in order k."""
+    rows = t.flatten(3)
+    cols = t.transpose(3, 4).flatten(3)
+    return torch.stack([rows[:, 0], cols[:, 1], rows[:, 2].flip(-1), cols[:, 3].flip(-1)], 1)
+
+
+def cross_selective_scan_ref(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Unfused SS2D core: cross-scan, one grouped scan over the 4 directions, cross-merge. See
+    `cross_selective_scan` for the shapes. Returns (batch, dim, H, W) in float32 (float64 for float64 x)."""
+    batch, dim, H, W = x.shape
+    L = H * W
+    xs = cross_scan_ref(x).reshape(batch, 4 * dim, L)
+    ds = _to_scan_orders(delta).reshape(batch, 4 * dim, L)
+    Bs, Cs = _to_scan_orders(B), _to_scan_orders(C)
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    ys = selective_scan_ref(xs.to(out_dtype), ds, A, Bs, Cs, D, None, delta_bias, delta_softplus)
+    return cross_merge_ref(ys.view(batch, 4, dim, H, W)).view(batch, dim, H, W)

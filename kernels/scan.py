@@ -1,0 +1,239 @@
+"""The public selective-scan API: argument checks, backend choice and autograd around the Triton kernels.
+
+`selective_scan` has the semantics of mamba_ssm's `selective_scan_fn`; `cross_selective_scan` is VMamba's
+SS2D core (cross-scan -> grouped scan -> cross-merge) in one fused pass.
+"""
+import os
+
+import torch
+
+from .reference import cross_merge_ref, cross_scan_ref, cross_selective_scan_ref, selective_scan_ref
+
+__all__ = ["selective_scan", "cross_selective_scan", "cross_scan", "cross_merge", "scan_backend",
+           "triton_available"]
+
+_BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def scan_backend(device, dtype=torch.float32, backend="auto"):
+    """The backend ("triton" or "torch") that a scan on tensors of this device and dtype runs."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        usable = device.type == "cuda" and dtype in _TRITON_DTYPES and triton_available()
+        return "triton" if usable else "torch"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not _interpret():
+        raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {device}; on the CPU set "
+                           "TRITON_INTERPRET=1 before importing vssm to run the kernels in Triton's interpreter")
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float32/float16/bfloat16 inputs, got {dtype}")
+    return "triton"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------------------
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _check_tensors(fn, named, required):
+    for name, t in named.items():
+        if t is None:
+            if name in required:
+                raise TypeError(f"{fn}: {name} is required, got None")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError(f"{fn}: {name} must be a real floating tensor, got {t.dtype} (complex A/B/C, "
+                            "as in S4D, is not supported)")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating tensor (float32/float16/bfloat16/float64), "
+                            f"got {t.dtype}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{fn}: all tensors must be on one device, got {listing}")
+
+
+def _expect(fn, name, t, shape, what):
+    if t is not None and _shape(t) != tuple(shape):
+        raise ValueError(f"{fn}: {name} has shape {_shape(t)}; expected {what} = {tuple(shape)}")
+
+
+def _check_scan(u, delta, A, B, C, D, z, delta_bias):
+    """Validate selective_scan's arguments; return B and C as (batch, G, N, L)."""
+    fn = "selective_scan"
+    _check_tensors(fn, dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias),
+                   required=("u", "delta", "A", "B", "C"))
+    if u.dim() != 3:
+        raise ValueError(f"{fn}: u must be (batch, dim, L), got shape {_shape(u)}")
+    batch, dim, L = u.shape
+    _expect(fn, "delta", delta, (batch, dim, L), "(batch, dim, L) like u")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"{fn}: A must be (dim, N) with dim={dim}, got shape {_shape(A)}")
+    N = A.shape[1]
+    if B.dim() not in (3, 4):
+        raise ValueError(f"{fn}: B must be (batch, N, L) or (batch, G, N, L), got shape {_shape(B)}")
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    G = B4.shape[1]
+    if B4.shape[0] != batch or B4.shape[2] != N or B4.shape[3] != L:
+        raise ValueError(f"{fn}: B has shape {_shape(B)}; expected (batch={batch}, N={N}, L={L}) or "
+                         f"(batch={batch}, G, N={N}, L={L})")
+    if G < 1 or dim % G:
+        raise ValueError(f"{fn}: dim={dim} must be divisible by the number of groups G={G} of B and C")
+    _expect(fn, "C", C, B.shape, "the shape of B")
+    _expect(fn, "D", D, (dim,), "(dim,)")
+    _expect(fn, "delta_bias", delta_bias, (dim,), "(dim,)")
+    _expect(fn, "z", z, (batch, dim, L), "(batch, dim, L) like u")
+    return B4, C.view(B4.shape)
+
+
+def _check_cross(x, delta, A, B, C, D, delta_bias):
+    fn = "cross_selective_scan"
+    _check_tensors(fn, dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias),
+                   required=("x", "delta", "A", "B", "C"))
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a (batch, dim, H, W) map, got shape {_shape(x)}")
+    batch, dim, H, W = x.shape
+    _expect(fn, "delta", delta, (batch, 4, dim, H, W), "(batch, 4, dim, H, W)")
+    if A.dim() != 2 or A.shape[0] != 4 * dim:
+        raise ValueError(f"{fn}: A must be (4 * dim, N) with dim={dim}, got shape {_shape(A)}")
+    N = A.shape[1]
+    _expect(fn, "B", B, (batch, 4, N, H, W), "(batch, 4, N, H, W)")
+    _expect(fn, "C", C, (batch, 4, N, H, W), "(batch, 4, N, H, W)")
+    _expect(fn, "D", D, (4 * dim,), "(4 * dim,)")
+    _expect(fn, "delta_bias", delta_bias, (4 * dim,), "(4 * dim,)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd around the kernels
+# ---------------------------------------------------------------------------------------------------------
+def _contiguous(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+class _TritonScan(torch.autograd.Function):
+    """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
+        from . import triton_scan
+        u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
+        out, last, _ = triton_scan.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
+                                            out_dtype=out_dtype, write_last=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.options = (delta_softplus, reverse, hw)
+        ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        from . import triton_scan
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        delta_softplus, reverse, hw = ctx.options
+        if dout is None:
+            dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
+        if dlast is not None:
+            dlast = dlast.float().contiguous()
+        grads = triton_scan.scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
+                                     delta_softplus, reverse, hw)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+        cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
+        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
+                None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, reverse=False, backend="auto"):
+    """Mamba's selective scan (S6), with mamba_ssm's ``selective_scan_fn`` semantics.
+
+    Args:
+        u, delta: (batch, dim, L) input and time step (before ``delta_bias`` and the optional softplus).
+        A: (dim, N) real state matrix (diagonal per channel), usually negative.
+        B, C: (batch, N, L), or grouped (batch, G, N, L) where channel d uses group d // (dim // G).
+        D: (dim,) skip; z: (batch, dim, L) gate, the output is multiplied by silu(z);
+        delta_bias: (dim,) added to delta before the softplus.
+        return_last_state: also return the final state (batch, dim, N) in float32.
+        reverse: run the recurrence from position L-1 down to 0 (no flipped copies are made).
+        backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
+
+    Returns:
+        y (batch, dim, L) in u's dtype, and the last state if asked for. The state is kept in float32
+        (float64 in the reference) whatever the input dtype.
+    """
+    B4, C4 = _check_scan(u, delta, A, B, C, D, z, delta_bias)
+    if scan_backend(u.device, u.dtype, backend) == "torch":
+        return selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state,
+                                  reverse)
+    y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
+    return (y, last) if return_last_state else y
+
+
+def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto"):
+    """VMamba's SS2D scan in one pass: the four scan orders of the map x (row-major, column-major, and both
+    reversed) each run a selective scan, and their outputs are summed back in row-major order.
+
+    Equal to ``cross_merge(selective_scan(cross_scan(x), ...))`` with every per-direction input put in its
+    own scan order, but the kernels read all inputs straight from their (H, W) layout and accumulate the
+    merged output, so no (batch, 4, dim, L) copy of x or of the output is made.
+
+    Args:
+        x: (batch, dim, H, W) map shared by the four directions.
+        delta: (batch, 4, dim, H, W) per-direction time steps, in the map's row-major layout.
+        A: (4 * dim, N); D, delta_bias: (4 * dim,), direction k owning rows k * dim ... (k + 1) * dim - 1.
+        B, C: (batch, 4, N, H, W), direction k's B and C in the map's layout.
+    Returns:
+        (batch, dim, H, W) in float32 (float64 for float64 x), like VMamba's "oflex" output.
+    """
+    _check_cross(x, delta, A, B, C, D, delta_bias)
+    if scan_backend(x.device, x.dtype, backend) == "torch":
+        return cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    batch, dim, H, W = x.shape
+    L = H * W
+    y, _ = _TritonScan.apply(x.reshape(batch, dim, L), delta.reshape(batch, 4 * dim, L), A,
+                             B.reshape(batch, 4, -1, L), C.reshape(batch, 4, -1, L), D, None, delta_bias,
+                             delta_softplus, False, (H, W), torch.float32)
+    return y.view(batch, dim, H, W)
+
+
+def cross_scan(x, backend="auto"):
+    """(batch, C, H, W) -> (batch, 4, C, H*W): row-major, column-major, and both reversed."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"cross_scan: x must be a (batch, C, H, W) tensor, got {getattr(x, 'shape', x)}")
+    if scan_backend(x.device, x.dtype, backend) == "torch":
+        return cross_scan_ref(x)
+    from .triton_cross import CrossScan
+    return CrossScan.apply(x)
+
+
+def cross_merge(y, backend="auto"):
+    """(batch, 4, C, H, W), direction k stored in scan order k, -> (batch, C, H*W) row-major sum."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 5 or y.shape[1] != 4:
+        raise ValueError(f"cross_merge: y must be a (batch, 4, C, H, W) tensor, got {getattr(y, 'shape', y)}")
+    if scan_backend(y.device, y.dtype, backend) == "torch":
+        return cross_merge_ref(y)
+    from .triton_cross import CrossMerge
+    return CrossMerge.apply(y)

@@ -1,0 +1,275 @@
+"""vssm.kernels against a float64 per-position loop: the torch reference on the whole grid, the Triton
+kernels (Triton's interpreter on the CPU, the compiled kernels on CUDA) on small shapes, forward and all
+gradients, plus the cross-scan family and the argument checks.
+
+Errors are ||out - truth|| / ||truth|| with the truth computed from the same (rounded) inputs in float64.
+Tolerances: float32 1e-5 (state in float32 or float64); bfloat16 2e-2 (inputs, outputs and the gradients
+returned for bf16 tensors are rounded to bf16, about 4e-3 each).
+"""
+import itertools
+
+import pytest
+import torch
+
+from scan_truth import loop_scan, scan_orders
+from vssm.kernels import (cross_merge, cross_merge_ref, cross_scan, cross_scan_ref, cross_selective_scan,
+                          scan_backend, selective_scan)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def rel_err(out, truth):
+    out, truth = out.double(), truth.double()
+    assert torch.isfinite(out).all()
+    return ((out - truth).norm() / truth.norm().clamp_min(1e-6)).item()  # A's gradient is 0 at L=1
+
+
+def make_inputs(batch, dim, N, L, groups, dtype, device="cpu", D=True, z=True, bias=True, seed=0,
+                softplus=True):
+    """Random inputs, as mamba's models make them: A negative; delta around softplus's knee, or positive
+    time steps where no softplus follows."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, generator=g) * scale + shift)  # noqa: E731
+    bc_shape = (batch, N, L) if groups == 0 else (batch, groups, N, L)
+    delta = r(batch, dim, L, scale=0.5, shift=-1.0) if softplus else torch.rand(batch, dim, L, generator=g) * 0.3
+    t = dict(u=r(batch, dim, L).to(dtype), delta=delta.to(dtype),
+             A=-torch.rand(dim, N, generator=g) * N - 0.2, B=r(*bc_shape).to(dtype), C=r(*bc_shape).to(dtype),
+             D=r(dim) if D else None, z=r(batch, dim, L).to(dtype) if z else None,
+             delta_bias=(r(dim, scale=0.5) if softplus else torch.rand(dim, generator=g) * 0.1) if bias else None)
+    return {k: (v.to(device).requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def check_scan(inputs, dtype, backend, softplus, reverse, last):
+    present = [k for k in NAMES if inputs[k] is not None]
+    truth_y, truth_h = loop_scan(**inputs, delta_softplus=softplus, reverse=reverse)
+    out = selective_scan(**inputs, delta_softplus=softplus, reverse=reverse, return_last_state=last,
+                         backend=backend)
+    y, h = out if last else (out, None)
+    assert y.dtype == inputs["u"].dtype and y.shape == inputs["u"].shape
+    tol = TOL[dtype]
+    assert rel_err(y, truth_y) < tol
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(y.shape, generator=gen).to(y.device)
+    loss_truth = (truth_y * gy.double()).sum()
+    loss = (y.double() * gy.double()).sum()
+    if last:
+        assert h.dtype == torch.float32 and h.shape == truth_h.shape
+        assert rel_err(h, truth_h) < tol
+        gh = torch.randn(h.shape, generator=gen).to(h.device)
+        loss_truth = loss_truth + (truth_h * gh.double()).sum()
+        loss = loss + (h.double() * gh.double()).sum()
+    grads_truth = torch.autograd.grad(loss_truth, [inputs[k] for k in present])
+    grads = torch.autograd.grad(loss, [inputs[k] for k in present])
+    for name, g, gt in zip(present, grads, grads_truth):
+        assert g.dtype == inputs[name].dtype, name
+        assert rel_err(g, gt) < tol, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the torch reference on the whole grid
+# ---------------------------------------------------------------------------------------------------------
+GRID = list(itertools.product([torch.float32, torch.bfloat16], [1, 7, 64, 257], [False, True], [0, 2],
+                              [False, True]))
+
+
+@pytest.mark.parametrize("dtype,L,reverse,groups,options", GRID)
+def test_reference_matches_loop(dtype, L, reverse, groups, options):
+    inputs = make_inputs(2, 6, 4, L, groups, dtype, D=options, z=options, bias=options, seed=L, softplus=options)
+    check_scan(inputs, dtype, "torch", softplus=options, reverse=reverse, last=not options)
+
+
+@pytest.mark.parametrize("option", ["D", "z", "bias", "softplus", "last"])
+def test_reference_each_option_alone(option):
+    inputs = make_inputs(2, 4, 3, 70, 0, torch.float32, D=option == "D", z=option == "z",
+                         bias=option == "bias", seed=3, softplus=option == "softplus")
+    check_scan(inputs, torch.float32, "torch", softplus=option == "softplus", reverse=False,
+               last=option == "last")
+
+
+def test_reference_exact_for_steep_decay():
+    """delta * A of hundreds per step: the closed form's exp would overflow, so chunks are split."""
+    inputs = make_inputs(1, 3, 2, 100, 0, torch.float32, seed=5)
+    with torch.no_grad():
+        inputs["delta"].mul_(0).add_(torch.rand_like(inputs["delta"]) * 40 + 20)
+        inputs["A"].mul_(10)
+    check_scan(inputs, torch.float32, "torch", softplus=True, reverse=False, last=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Triton kernels (interpreter on the CPU); small shapes
+# ---------------------------------------------------------------------------------------------------------
+TRITON_GRID = [
+    # dtype, L, reverse, groups, options, N
+    (torch.float32, 1, False, 0, True, 4),
+    (torch.float32, 7, True, 2, True, 4),
+    (torch.float32, 64, False, 2, False, 1),
+    (torch.float32, 257, False, 0, True, 4),
+    (torch.float32, 257, True, 2, False, 3),
+    (torch.bfloat16, 7, False, 0, True, 4),
+    (torch.bfloat16, 130, True, 2, True, 2),
+    (torch.bfloat16, 64, True, 0, False, 16),
+]
+
+
+@pytest.mark.parametrize("dtype,L,reverse,groups,options,N", TRITON_GRID)
+def test_triton_matches_loop(dtype, L, reverse, groups, options, N):
+    inputs = make_inputs(2, 6, N, L, groups, dtype, device=DEVICE, D=options, z=options, bias=options, seed=L,
+                         softplus=options)
+    check_scan(inputs, dtype, "triton", softplus=options, reverse=reverse, last=True)
+
+
+def test_triton_blocks_within_groups():
+    """dim // G = 3 channels per group: blocks must not mix two groups' B and C."""
+    inputs = make_inputs(1, 12, 2, 40, 4, torch.float32, device=DEVICE, seed=11)
+    check_scan(inputs, torch.float32, "triton", softplus=True, reverse=False, last=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic shapes need the GPU")
+@pytest.mark.parametrize("shape", [(4, 384, 16, 197, 0), (2, 192, 1, 3136, 1), (2, 384, 16, 1025, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_realistic_shapes_cuda(shape, dtype):
+    batch, dim, N, L, groups = shape
+    inputs = make_inputs(batch, dim, N, L, groups, dtype, device="cuda", seed=7)
+    ref = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    y_ref = selective_scan(**ref, delta_softplus=True, backend="torch")
+    assert rel_err(y, y_ref) < TOL[dtype]
+    gy = torch.randn_like(y)
+    present = [k for k in NAMES if inputs[k] is not None]
+    grads = torch.autograd.grad(y, [inputs[k] for k in present], gy)
+    grads_ref = torch.autograd.grad(y_ref, [ref[k] for k in present], gy)
+    for name, g, gr in zip(present, grads, grads_ref):
+        assert rel_err(g, gr) < TOL[dtype], name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross-scan, cross-merge and the fused four-direction scan
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cross_scan_orders(backend):
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    xs = cross_scan(x, backend=backend)
+    assert xs.shape == (2, 4, 3, 20)
+    torch.testing.assert_close(xs, scan_orders(x[:, None].expand(2, 4, 3, 4, 5)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cross_merge_is_adjoint_of_cross_scan(backend):
+    """<cross_scan(x), y> == <x, cross_merge(y)> for random x and y, and the gradients are each other."""
+    x = torch.randn(2, 3, 6, 5, device=DEVICE, dtype=torch.float64 if backend == "torch" else torch.float32)
+    y = torch.randn(2, 4, 3, 6, 5, device=DEVICE, dtype=x.dtype)
+    lhs = (cross_scan(x, backend=backend) * y.flatten(3)).sum()
+    rhs = (x.flatten(2) * cross_merge(y, backend=backend)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(cross_scan(xg, backend=backend), xg, y.flatten(3))
+    torch.testing.assert_close(gx.flatten(2), cross_merge_ref(y))
+    yg = y.clone().requires_grad_()
+    gout = torch.randn(2, 3, 30, device=DEVICE, dtype=x.dtype)
+    (gy,) = torch.autograd.grad(cross_merge(yg, backend=backend), yg, gout)
+    torch.testing.assert_close(gy.flatten(3), cross_scan_ref(gout.view(2, 3, 6, 5)))
+
+
+def cross_inputs(batch, dim, N, H, W, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = dict(x=r(batch, dim, H, W).to(dtype), delta=(r(batch, 4, dim, H, W) * 0.5 - 1).to(dtype),
+             A=-torch.rand(4 * dim, N, generator=g) * N - 0.2, B=r(batch, 4, N, H, W).to(dtype),
+             C=r(batch, 4, N, H, W).to(dtype), D=r(4 * dim), delta_bias=r(4 * dim) * 0.5)
+    return {k: v.to(device).requires_grad_() for k, v in t.items()}
+
+
+def cross_truth(x, delta, A, B, C, D, delta_bias):
+    """The unfused definition, from the float64 loop: scan orders, one grouped scan, un-order and sum."""
+    batch, dim, H, W = x.shape
+    xs = scan_orders(x[:, None].expand(batch, 4, dim, H, W)).reshape(batch, 4 * dim, H * W)
+    ys, _ = loop_scan(xs, scan_orders(delta).reshape(batch, 4 * dim, -1), A, scan_orders(B), scan_orders(C),
+                      D, None, delta_bias, delta_softplus=True)
+    return cross_merge_ref(ys.view(batch, 4, dim, H, W)).view(batch, dim, H, W)
+
+
+@pytest.mark.parametrize("backend,dtype,N,hw", [("torch", torch.float32, 2, (5, 7)),
+                                                 ("torch", torch.bfloat16, 1, (9, 4)),
+                                                 ("triton", torch.float32, 1, (5, 7)),
+                                                 ("triton", torch.float32, 4, (3, 29)),
+                                                 ("triton", torch.bfloat16, 1, (11, 8))])
+def test_cross_selective_scan_matches_unfused(backend, dtype, N, hw):
+    inputs = cross_inputs(2, 6, N, *hw, dtype, DEVICE if backend == "triton" else "cpu")
+    truth = cross_truth(**inputs)
+    out = cross_selective_scan(**inputs, delta_softplus=True, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == inputs["x"].shape
+    assert rel_err(out, truth) < TOL[dtype]
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
+    grads = torch.autograd.grad(out, list(inputs.values()), gy)
+    grads_truth = torch.autograd.grad(truth, list(inputs.values()), gy.double())
+    for name, g, gt in zip(inputs, grads, grads_truth):
+        assert g.dtype == inputs[name].dtype, name
+        assert rel_err(g, gt) < TOL[dtype], name
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic shapes need the GPU")
+def test_cross_selective_scan_realistic_cuda():
+    inputs = cross_inputs(2, 192, 1, 56, 56, torch.bfloat16, "cuda")
+    ref = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out = cross_selective_scan(**inputs, delta_softplus=True, backend="triton")
+    out_ref = cross_selective_scan(**ref, delta_softplus=True, backend="torch")
+    assert rel_err(out, out_ref) < TOL[torch.bfloat16]
+    gy = torch.randn_like(out)
+    for name, g, gr in zip(inputs, torch.autograd.grad(out, list(inputs.values()), gy),
+                           torch.autograd.grad(out_ref, list(ref.values()), gy)):
+        assert rel_err(g, gr) < TOL[torch.bfloat16], name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argument checks and backend choice
+# ---------------------------------------------------------------------------------------------------------
+def _good():
+    return dict(u=torch.randn(2, 4, 9), delta=torch.randn(2, 4, 9), A=-torch.rand(4, 3),
+                B=torch.randn(2, 3, 9), C=torch.randn(2, 3, 9))
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    (dict(delta=torch.randn(2, 4, 8)), ValueError, r"delta has shape \(2, 4, 8\); expected .*\(2, 4, 9\)"),
+    (dict(u=torch.randn(2, 4)), ValueError, r"u must be \(batch, dim, L\), got shape \(2, 4\)"),
+    (dict(A=-torch.rand(5, 3)), ValueError, r"A must be \(dim, N\) with dim=4"),
+    (dict(A=torch.randn(4, 3, dtype=torch.complex64)), TypeError, r"A must be a real floating tensor"),
+    (dict(u=torch.randint(0, 3, (2, 4, 9))), TypeError, r"u must be a floating tensor.*torch.int64"),
+    (dict(B=torch.randn(2, 3, 3, 9), C=torch.randn(2, 3, 3, 9)), ValueError, r"dim=4 must be divisible .*G=3"),
+    (dict(B=torch.randn(2, 3, 8)), ValueError, r"B has shape \(2, 3, 8\); expected \(batch=2, N=3, L=9\)"),
+    (dict(C=torch.randn(2, 2, 3, 9)), ValueError, r"C has shape \(2, 2, 3, 9\); expected the shape of B"),
+    (dict(D=torch.randn(3)), ValueError, r"D has shape \(3,\); expected \(dim,\)"),
+    (dict(z=torch.randn(2, 4, 1)), ValueError, r"z has shape \(2, 4, 1\)"),
+    (dict(delta_bias=torch.randn(4, 1)), ValueError, r"delta_bias has shape \(4, 1\)"),
+    (dict(B=torch.randn(2, 3, 9).numpy()), TypeError, r"B must be a torch.Tensor"),
+    (dict(C=torch.randn(2, 3, 9, device="meta")), ValueError, r"one device.*C on meta"),
+])
+def test_bad_arguments_are_named(change, error, pattern):
+    args = {**_good(), **change}
+    with pytest.raises(error, match=pattern):
+        selective_scan(**args)
+
+
+def test_cross_bad_arguments_are_named():
+    inputs = {k: v.detach() for k, v in cross_inputs(1, 4, 1, 3, 5, torch.float32, "cpu").items()}
+    with pytest.raises(ValueError, match=r"delta has shape .*expected \(batch, 4, dim, H, W\)"):
+        cross_selective_scan(**{**inputs, "delta": inputs["delta"][:, :3]})
+    with pytest.raises(ValueError, match=r"x must be a \(batch, dim, H, W\) map"):
+        cross_selective_scan(**{**inputs, "x": inputs["x"].flatten(2)})
+    with pytest.raises(ValueError, match=r"A must be \(4 \* dim, N\)"):
+        cross_selective_scan(**{**inputs, "A": inputs["A"][:4]})
+
+
+def test_backend_choice(monkeypatch):
+    assert scan_backend("cpu") == "torch"
+    assert scan_backend("cuda", torch.bfloat16) == "triton"
+    assert scan_backend("cuda", torch.float64) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_scan(**_good(), backend="cuda")
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        scan_backend("cuda", torch.float64, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        selective_scan(**_good(), backend="triton")
