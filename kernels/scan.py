@@ -132,14 +132,22 @@ def _contiguous(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+def _kernels(N, hw):
+    """The stepped kernels for plain scans with large states, the chunked ones otherwise (BENCHMARKS.md)."""
+    if hw is None and N >= 8:
+        from . import triton_step
+        return triton_step
+    from . import triton_scan
+    return triton_scan
+
+
 class _TritonScan(torch.autograd.Function):
     """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
-        from . import triton_scan
         u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
-        out, last, _ = triton_scan.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
+        out, last, _ = _kernels(A.shape[1], hw).scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
                                             out_dtype=out_dtype, write_last=True)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.options = (delta_softplus, reverse, hw)
@@ -148,14 +156,13 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        from . import triton_scan
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         delta_softplus, reverse, hw = ctx.options
         if dout is None:
             dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        grads = triton_scan.scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
+        grads = _kernels(A.shape[1], hw).scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
                                      delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -251,11 +251,17 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # launch wrappers (inputs validated and contiguous; see vssm.kernels.selective_scan)
 # ---------------------------------------------------------------------------------------------------------
-def _config(dim, N, L, channels_per_group):
-    """Block sizes: a (BLOCK_D, BLOCK_N, BLOCK_L) tile of about 2**12 state elements per program."""
+def _config(dim, N, L, channels_per_group, backward=False):
+    """Block sizes, from a sweep on an H100 (BENCHMARKS.md): long chunks of few channels where N is small
+    (VMamba's N = 1: 2 x 512 forward, 4 x 256 backward); 4 x 32 / 16 x 16 at N = 16, where plain scans use
+    the stepped kernels anyway."""
     block_n = triton.next_power_of_2(N)
-    block_l = min(64, triton.next_power_of_2(L))
-    block_d = max(1, min(triton.next_power_of_2(dim), 4096 // (block_n * block_l), 64))
+    if block_n >= 8:
+        block_d, block_l = (16, 16) if backward else (4, 32)
+    else:
+        block_d, block_l = (4, 256 // block_n) if backward else (2, 512 // block_n)
+    block_l = min(block_l, max(16, triton.next_power_of_2(L)))
+    block_d = min(block_d, triton.next_power_of_2(dim))
     if channels_per_group % dim:  # several groups per direction: a block must not straddle two
         block_d = min(block_d, channels_per_group & -channels_per_group)
     return dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=4)
@@ -271,9 +277,10 @@ def _geometry(u, delta, B, hw):
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
              write_last=False, write_chunk_states=False):
-    """Launch the forward kernel. ``hw=(H, W)`` selects the four-direction cross-scan over an H x W map."""
+    """Launch the forward kernel. ``hw=(H, W)`` selects the four-direction cross-scan over an H x W map.
+    With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     batch, dim, L, K, G, N, H, W = _geometry(u, delta, B, hw)
-    cfg = _config(dim, N, L, K * dim // G)
+    cfg = _config(dim, N, L, K * dim // G, backward=write_chunk_states)
     n_chunks = triton.cdiv(L, cfg["BLOCK_L"])
     out = torch.empty(batch, dim, L, device=u.device, dtype=out_dtype or u.dtype) if not write_chunk_states \
         else None
@@ -293,7 +300,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
 def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); recomputes the chunk states first."""
     batch, dim, L, K, G, N, H, W = _geometry(u, delta, B, hw)
-    cfg = _config(dim, N, L, K * dim // G)
+    cfg = _config(dim, N, L, K * dim // G, backward=True)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
                             write_chunk_states=True)
     f32 = dict(device=u.device, dtype=torch.float32)

