@@ -19,8 +19,10 @@ the chunk is added as (prod a) * h_in. Gradients (backward kernel), with lam_t =
     du_t       = sum_n lam_t dt_t B_t + D dy_t
     ddt_t      = sum_n lam_t B_t u_t + A lam_t (h_t - dt_t B_t u_t)     (h_t - b_t = a_t h_{t-1})
     dA         = sum_t dt_t lam_t (h_t - dt_t B_t u_t)
-    dB_t, dC_t = sum_d lam_t dt_t u_t,  sum_d h_t dy_t                   (atomic adds across programs)
+    dB_t, dC_t = sum_d lam_t dt_t u_t,  sum_d h_t dy_t                   (partial sums per program)
 
+dB and dC are written as one partial sum per program and direction, (batch, K * programs along dim, N, L),
+then summed over each group's programs: cheaper than atomic adds of every program to the same addresses.
 The backward does not read stored per-position states: a forward pass of the same kernel first writes
 only the state entering each chunk, (batch, K * dim, L / BLOCK_L, N), and the backward recomputes the
 states inside each chunk from it, so nothing of size (batch, dim, L, N) is ever stored.
@@ -159,6 +161,7 @@ def _selective_scan_bwd_kernel(
             bias = tl.load(bias_ptr + c, mask=mask_d, other=0.0).to(tl.float32)
         delta_row = (b * K * dim + c[:, None]) * L
         BC_row = ((b * G + g) * N + n[:, None]) * L
+        part_row = (((b * K + k) * tl.num_programs(1) + tl.program_id(1)) * N + n[:, None]) * L  # dB/dC partials
         lam = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dL/dh at the first step of the later chunk
         if HAS_DLAST:
             dlast = tl.load(dlast_ptr + (b * K * dim + c[:, None]) * N + n[None, :], mask=mask_dn, other=0.0)
@@ -219,8 +222,8 @@ def _selective_scan_bwd_kernel(
             lam_dt = lam_t * dt[:, None, :]
             dB = tl.sum(lam_dt * u[:, None, :], axis=0)
             dC = tl.sum(hs * dy[:, None, :], axis=0)
-            tl.atomic_add(dB_ptr + BC_row + p, dB, mask=mask_nt)
-            tl.atomic_add(dC_ptr + BC_row + p, dC, mask=mask_nt)
+            tl.store(dB_ptr + part_row + p, dB, mask=mask_nt)
+            tl.store(dC_ptr + part_row + p, dC, mask=mask_nt)
 
             du = tl.sum(lam_dt * Bt[None, :, :], axis=1)
             if HAS_D:
@@ -307,17 +310,20 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     du = torch.empty(u.shape, device=u.device, dtype=torch.float32 if K > 1 else u.dtype)
     ddelta = torch.empty_like(delta)
     dA = torch.zeros(A.shape, **f32)
-    dB = torch.zeros(B.shape, **f32)
-    dC = torch.zeros(C.shape, **f32)
+    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+    dB_parts = torch.empty(batch, K * grid[1], N, L, **f32)
+    dC_parts = torch.empty(batch, K * grid[1], N, L, **f32)
     dD = torch.zeros(D.shape, **f32) if D is not None else None
     dz = torch.empty_like(z) if z is not None else None
     dbias = torch.zeros(delta_bias.shape, **f32) if delta_bias is not None else None
-    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, dout, dlast, states,
-        du, ddelta, dA, dB, dC, dD, dz, dbias,
+        du, ddelta, dA, dB_parts, dC_parts, dD, dz, dbias,
         dim, L, H, W, N, G, K * dim // G,
         K=K, CROSS=hw is not None, REVERSE=reverse,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None, **cfg)
+    # each group's programs are a run of equal length in (direction, block) order
+    dB = dB_parts.view(batch, G, K * grid[1] // G, N, L).sum(2)
+    dC = dC_parts.view(batch, G, K * grid[1] // G, N, L).sum(2)
     return du.to(u.dtype), ddelta, dA, dB, dC, dD, dz, dbias

@@ -189,12 +189,14 @@ def _scan_bwd_step_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # launch wrappers, with the signatures of triton_scan's (plain scans only: hw must be None)
 # ---------------------------------------------------------------------------------------------------------
-def _config(dim, N, channels_per_group):
-    """8 channels x N states per program, one warp (from a sweep on an H100, BENCHMARKS.md)."""
-    block_d = min(8, triton.next_power_of_2(dim))
+def _config(dim, N, channels_per_group, backward=False):
+    """8 channels x N states per program on one warp forward, 16 on two warps backward (from a sweep on an
+    H100, BENCHMARKS.md)."""
+    block_d, warps = (16, 2) if backward else (8, 1)
+    block_d = min(block_d, triton.next_power_of_2(dim))
     if channels_per_group % dim:
         block_d = min(block_d, channels_per_group & -channels_per_group)
-    return dict(BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=CHUNK, num_warps=1)
+    return dict(BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=CHUNK, num_warps=warps)
 
 
 def _flags(D, z, delta_bias, delta_softplus, reverse):
@@ -225,7 +227,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
-    cfg = _config(dim, N, dim // G)
+    cfg = _config(dim, N, dim // G, backward=True)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     scratch = torch.empty(batch * grid[1] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], device=u.device,
