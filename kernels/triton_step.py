@@ -35,6 +35,16 @@ CHUNK = 16
 
 
 @triton.jit
+def _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS: tl.constexpr):
+    """u_t, delta_t + bias (before the softplus), dt_t and B_t at position p, in float32."""
+    u = tl.load(u_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
+    dt_raw = tl.load(delta_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32) + bias
+    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+    Bt = tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
+    return u, dt_raw, dt, Bt
+
+
+@triton.jit
 def _scan_fwd_step_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, chunk_state_ptr,
     dim, L, N, channels_per_group,
@@ -52,6 +62,7 @@ def _scan_fwd_step_kernel(
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     if HAS_D:
         Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     row = (b * dim + d) * L
@@ -63,13 +74,7 @@ def _scan_fwd_step_kernel(
             if t % CHUNK == 0:
                 tl.store(chunk_state_ptr + (state_row + t // CHUNK) * N + n[None, :], h, mask=mask_dn)
         p = L - 1 - t if REVERSE else t
-        u = tl.load(u_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        Bt = tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
+        u, _, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS)
         h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         if WRITE_OUT:
             Ct = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
@@ -104,6 +109,7 @@ def _scan_bwd_step_kernel(
     A2 = A * LOG2E
     if HAS_D:
         Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     row = (b * dim + d) * L
@@ -129,25 +135,15 @@ def _scan_bwd_step_kernel(
         for j in range(steps):
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
             p = L - 1 - (t0 + j) if REVERSE else t0 + j
-            u = tl.load(u_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            Bt = tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
+            u, _, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
         # walk it backward
         for jj in range(steps):
             j = steps - 1 - jj
             p = L - 1 - (t0 + j) if REVERSE else t0 + j
             h_prev = tl.load(scratch + j * BLOCK_D * BLOCK_N)
-            u = tl.load(u_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-            dt_raw = tl.load(delta_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt_raw += bias
-            dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
-            Bt = tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
+            u, dt_raw, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias,
+                                             SOFTPLUS)
             Ct = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
             a = tl.exp2(dt[:, None] * A2)
             a_h = a * h_prev
