@@ -2,7 +2,8 @@
 
 For large states (N = 16, Vim and DiffuSSM) this beats the chunked associative scan of ``triton_scan``:
 each program owns BLOCK_D channels x N states of one batch row, and the only serial dependency between
-steps is one multiply-add per state element, so thousands of programs in flight hide the load latency. The
+steps is one multiply-add per state element; each step's inputs are loaded one iteration ahead, so their
+latency overlaps the previous step's arithmetic. The
 chunked kernels stay in use for N < 8 and for the fused cross-scan, where the per-step work is too small.
 
 Plain scans only (one direction, forward or ``reverse``); shapes as in ``triton_scan`` with K = 1:
@@ -35,13 +36,18 @@ CHUNK = 16
 
 
 @triton.jit
-def _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS: tl.constexpr):
-    """u_t, delta_t + bias (before the softplus), dt_t and B_t at position p, in float32."""
-    u = tl.load(u_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
-    dt_raw = tl.load(delta_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32) + bias
-    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
-    Bt = tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
-    return u, dt_raw, dt, Bt
+def _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n):
+    """u_t, delta_t and B_t at position p, as stored. The kernels load a step's inputs one iteration ahead
+    (software prefetch: the loads of step t+1 are in flight while step t computes)."""
+    return (tl.load(u_ptr + row + p, mask=mask_d, other=0.0), tl.load(delta_ptr + row + p, mask=mask_d, other=0.0),
+            tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0))
+
+
+@triton.jit
+def _time_step(delta, bias, SOFTPLUS: tl.constexpr):
+    """dt before the softplus (delta + bias) and after it, in float32."""
+    dt_raw = delta.to(tl.float32) + bias
+    return dt_raw, (_softplus(dt_raw) if SOFTPLUS else dt_raw)
 
 
 @triton.jit
@@ -69,22 +75,35 @@ def _scan_fwd_step_kernel(
     bc_row = ((b * tl.cdiv(dim, channels_per_group) + g) * N + n) * L
     state_row = (b * dim + d[:, None]) * tl.cdiv(L, CHUNK)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    p = tl.full((), 0, tl.int32) + (L - 1 if REVERSE else 0)  # a tensor: it is carried through the loop
+    nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
+    nC, nz = nB, nu  # placeholders where C or z is not read
+    if WRITE_OUT:
+        nC = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0)
+        if HAS_Z:
+            nz = tl.load(z_ptr + row + p, mask=mask_d, other=0.0)
     for t in range(L):
         if WRITE_CHUNK_STATES:
             if t % CHUNK == 0:
                 tl.store(chunk_state_ptr + (state_row + t // CHUNK) * N + n[None, :], h, mask=mask_dn)
-        p = L - 1 - t if REVERSE else t
-        u, _, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS)
+        u, delta, Bt, Ct, zt = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32), nz.to(tl.float32)
+        q = L - 2 - t if REVERSE else t + 1  # the next step's position
+        more_d, more_n = mask_d & (t + 1 < L), mask_n & (t + 1 < L)
+        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
+        if WRITE_OUT:
+            nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
+            if HAS_Z:
+                nz = tl.load(z_ptr + row + q, mask=more_d, other=0.0)
+        _, dt = _time_step(delta, bias, SOFTPLUS)
         h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         if WRITE_OUT:
-            Ct = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
             y = tl.sum(h * Ct[None, :], axis=1)
             if HAS_D:
                 y += Dd * u
             if HAS_Z:
-                zt = tl.load(z_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
                 y *= zt * tl.sigmoid(zt)
             tl.store(out_ptr + row + p, y, mask=mask_d)
+        p = q
     if WRITE_OUT:
         tl.store(last_ptr + (b * dim + d[:, None]) * N + n[None, :], h, mask=mask_dn)
 
@@ -132,25 +151,42 @@ def _scan_bwd_step_kernel(
         steps = tl.minimum(CHUNK, L - t0)
         # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
         h = tl.load(chunk_state_ptr + (state_row + chunk) * N + n[None, :], mask=mask_dn, other=0.0)
+        p = L - 1 - t0 if REVERSE else t0
+        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
         for j in range(steps):
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
-            p = L - 1 - (t0 + j) if REVERSE else t0 + j
-            u, _, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias, SOFTPLUS)
+            u, delta, Bt = nu.to(tl.float32), nd, nB.to(tl.float32)
+            p = L - 2 - (t0 + j) if REVERSE else t0 + j + 1
+            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d & (j + 1 < steps),
+                                    mask_n & (j + 1 < steps))
+            _, dt = _time_step(delta, bias, SOFTPLUS)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
         # walk it backward
+        p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
+        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
+        nC = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0)
+        ndy = tl.load(dout_ptr + row + p, mask=mask_d, other=0.0)
+        nz = ndy  # placeholder where there is no z
+        if HAS_Z:
+            nz = tl.load(z_ptr + row + p, mask=mask_d, other=0.0)
+        nh = tl.load(scratch + (steps - 1) * BLOCK_D * BLOCK_N)
         for jj in range(steps):
             j = steps - 1 - jj
-            p = L - 1 - (t0 + j) if REVERSE else t0 + j
-            h_prev = tl.load(scratch + j * BLOCK_D * BLOCK_N)
-            u, dt_raw, dt, Bt = _step_inputs(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n, bias,
-                                             SOFTPLUS)
-            Ct = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0).to(tl.float32)
+            u, delta, Bt, Ct = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32)
+            dy, zt, h_prev = ndy.to(tl.float32), nz.to(tl.float32), nh
+            q = L - 1 - (t0 + j - 1) if REVERSE else t0 + j - 1  # the next (earlier) step's position
+            more_d, more_n = mask_d & (j > 0), mask_n & (j > 0)
+            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
+            nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
+            ndy = tl.load(dout_ptr + row + q, mask=more_d, other=0.0)
+            if HAS_Z:
+                nz = tl.load(z_ptr + row + q, mask=more_d, other=0.0)
+            nh = tl.load(scratch + tl.maximum(j - 1, 0) * BLOCK_D * BLOCK_N)
+            dt_raw, dt = _time_step(delta, bias, SOFTPLUS)
             a = tl.exp2(dt[:, None] * A2)
             a_h = a * h_prev
             h = a_h + (dt * u)[:, None] * Bt[None, :]
-            dy = tl.load(dout_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_Z:
-                zt = tl.load(z_ptr + row + p, mask=mask_d, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(zt)
                 y = tl.sum(h * Ct[None, :], axis=1)
                 if HAS_D:
@@ -175,6 +211,7 @@ def _scan_bwd_step_kernel(
             dbias_acc += tl.where(mask_d, ddt, 0.0)
             tl.store(ddelta_ptr + row + p, ddt, mask=mask_d)
             mu = a * lam
+            p = q
     tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA_acc, mask=mask_dn)
     if HAS_D:
         tl.atomic_add(dD_ptr + d, dD_acc, mask=mask_d)
@@ -186,9 +223,9 @@ def _scan_bwd_step_kernel(
 # launch wrappers, with the signatures of triton_scan's (plain scans only: hw must be None)
 # ---------------------------------------------------------------------------------------------------------
 def _config(dim, N, channels_per_group, backward=False):
-    """8 channels x N states per program on one warp forward, 16 on two warps backward (from a sweep on an
-    H100, BENCHMARKS.md)."""
-    block_d, warps = (16, 2) if backward else (8, 1)
+    """16 channels x N states per program on two warps forward, 32 backward (from a sweep on an H100,
+    BENCHMARKS.md)."""
+    block_d, warps = (32, 2) if backward else (16, 2)
     block_d = min(block_d, triton.next_power_of_2(dim))
     if channels_per_group % dim:
         block_d = min(block_d, channels_per_group & -channels_per_group)
