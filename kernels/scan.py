@@ -147,23 +147,24 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
         u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
-        out, last, _ = _kernels(A.shape[1], hw).scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                                            out_dtype=out_dtype, write_last=True)
+        kernels = _kernels(A.shape[1], hw)
+        out, last, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
+                                        out_dtype=out_dtype, write_last=True)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.options = (delta_softplus, reverse, hw)
+        ctx.options = (kernels, delta_softplus, reverse, hw)
         ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        delta_softplus, reverse, hw = ctx.options
+        kernels, delta_softplus, reverse, hw = ctx.options
         if dout is None:
             dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        grads = _kernels(A.shape[1], hw).scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
-                                     delta_softplus, reverse, hw)
+        grads = kernels.scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
+                                 delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),

@@ -3,8 +3,8 @@
 For large states (N = 16, Vim and DiffuSSM) this beats the chunked associative scan of ``triton_scan``:
 each program owns BLOCK_D channels x N states of one batch row, and the only serial dependency between
 steps is one multiply-add per state element; each step's inputs are loaded one iteration ahead, so their
-latency overlaps the previous step's arithmetic. The
-chunked kernels stay in use for N < 8 and for the fused cross-scan, where the per-step work is too small.
+latency overlaps the previous step's arithmetic. The chunked kernels stay in use for N < 8 and for the fused
+cross-scan, where the per-step work is too small.
 
 Plain scans only (one direction, forward or ``reverse``); shapes as in ``triton_scan`` with K = 1:
 u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,).
@@ -44,6 +44,29 @@ def _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n):
 
 
 @triton.jit
+def _program_tile(A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's batch row b, channels d and states n with their masks, the row offsets of u/z/out
+    and of its B/C group, and its channels' float32 A (dim, N), D and delta_bias (zeros where absent)."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = d < dim, n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    g = tl.program_id(1) * BLOCK_D // channels_per_group
+    row = (b * dim + d) * L
+    bc_row = ((b * tl.cdiv(dim, channels_per_group) + g) * N + n) * L
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    Dd = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    return b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias
+
+
+@triton.jit
 def _time_step(delta, bias, SOFTPLUS: tl.constexpr):
     """dt before the softplus (delta + bias) and after it, in float32."""
     dt_raw = delta.to(tl.float32) + bias
@@ -59,20 +82,9 @@ def _scan_fwd_step_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """out (batch, dim, L) and the last state (batch, dim, N); or only the chunk-entry states."""
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = d < dim, n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    g = tl.program_id(1) * BLOCK_D // channels_per_group
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    if HAS_D:
-        Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    row = (b * dim + d) * L
-    bc_row = ((b * tl.cdiv(dim, channels_per_group) + g) * N + n) * L
+    b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias = _program_tile(
+        A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    A = A * LOG2E
     state_row = (b * dim + d[:, None]) * tl.cdiv(L, CHUNK)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     p = tl.full((), 0, tl.int32) + (L - 1 if REVERSE else 0)  # a tensor: it is carried through the loop
@@ -118,21 +130,9 @@ def _scan_bwd_step_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Gradients of the stepped forward, from the chunk-entry states; scratch holds one chunk's states."""
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = d < dim, n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    g = tl.program_id(1) * BLOCK_D // channels_per_group
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias = _program_tile(
+        A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
     A2 = A * LOG2E
-    if HAS_D:
-        Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    row = (b * dim + d) * L
-    bc_row = ((b * tl.cdiv(dim, channels_per_group) + g) * N + n) * L
     n_chunks = tl.cdiv(L, CHUNK)
     state_row = (b * dim + d[:, None]) * n_chunks
     part_row = ((b * tl.num_programs(1) + tl.program_id(1)) * N + n) * L  # this program's dB, dC partials
