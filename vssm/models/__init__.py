@@ -1,0 +1,2 @@
+"""vssm's model families, registered with timm on import (``import vssm`` then ``timm.create_model``)."""
+from . import vim  # noqa: F401
