@@ -100,7 +100,8 @@ def _scan_fwd_step_kernel(
                 tl.store(chunk_state_ptr + (state_row + t // CHUNK) * N + n[None, :], h, mask=mask_dn)
         u, delta, Bt, Ct, zt = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32), nz.to(tl.float32)
         q = L - 2 - t if REVERSE else t + 1  # the next step's position
-        more_d, more_n = mask_d & (t + 1 < L), mask_n & (t + 1 < L)
+        more = t + 1 < L  # a scalar condition, applied with tl.where (Triton 3.9's interpreter turns bool & bool into int32)
+        more_d, more_n = tl.where(more, mask_d, False), tl.where(more, mask_n, False)
         nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
         if WRITE_OUT:
             nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
@@ -157,8 +158,9 @@ def _scan_bwd_step_kernel(
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
             u, delta, Bt = nu.to(tl.float32), nd, nB.to(tl.float32)
             p = L - 2 - (t0 + j) if REVERSE else t0 + j + 1
-            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d & (j + 1 < steps),
-                                    mask_n & (j + 1 < steps))
+            more = j + 1 < steps
+            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, tl.where(more, mask_d, False),
+                                    tl.where(more, mask_n, False))
             _, dt = _time_step(delta, bias, SOFTPLUS)
             h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
         # walk it backward
@@ -175,7 +177,7 @@ def _scan_bwd_step_kernel(
             u, delta, Bt, Ct = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32)
             dy, zt, h_prev = ndy.to(tl.float32), nz.to(tl.float32), nh
             q = L - 1 - (t0 + j - 1) if REVERSE else t0 + j - 1  # the next (earlier) step's position
-            more_d, more_n = mask_d & (j > 0), mask_n & (j > 0)
+            more_d, more_n = tl.where(j > 0, mask_d, False), tl.where(j > 0, mask_n, False)
             nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
             nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
             ndy = tl.load(dout_ptr + row + q, mask=more_d, other=0.0)
