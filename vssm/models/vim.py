@@ -99,12 +99,12 @@ class BiMamba(nn.Module):
 
     def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
         """One direction's conv + selective scan on x, z (batch, d_inner, L); returns (batch, d_inner, L)."""
-        k = conv1d.weight.shape[-1]
+        k, L = conv1d.weight.shape[-1], x.shape[-1]
         if reverse:  # anti-causal: position t sees t .. t+k-1, the causal conv of the flipped sequence
-            x = F.conv1d(F.pad(x, (0, k - 1)), conv1d.weight.flip(-1), conv1d.bias, groups=self.d_inner)
+            x = F.conv1d(x, conv1d.weight.flip(-1), conv1d.bias, padding=k - 1, groups=self.d_inner)[..., k - 1:]
         else:
-            x = F.conv1d(F.pad(x, (k - 1, 0)), conv1d.weight, conv1d.bias, groups=self.d_inner)
-        x = F.silu(x)
+            x = F.conv1d(x, conv1d.weight, conv1d.bias, padding=k - 1, groups=self.d_inner)[..., :L]
+        x = F.silu(x)  # contiguous again
         x_dbl = torch.matmul(x_proj.weight, x)  # (batch, dt_rank + 2N, L)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(dt_proj.weight, dt)  # (batch, d_inner, L); the bias is added in the scan
@@ -114,6 +114,7 @@ class BiMamba(nn.Module):
 
     def forward(self, tokens):
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        z = z.contiguous()  # the gate of both directions: one copy for the scans instead of two
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
         y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
                               reverse=True)

@@ -1,0 +1,192 @@
+"""Throughput and peak memory of vssm models against timm peers, in one run.
+
+    python tools/benchmark.py --models vim_tiny_patch16_224 deit_tiny_patch16_224 \
+        --img-size 224 512 1024 --batch-size 128 32 8 --mode infer train --json out/bench.json
+
+Every model is created through ``timm.create_model(name, img_size=size)`` (vssm's models are registered on
+``import vssm``; any timm name works). Inference: ``model(x)`` under ``torch.inference_mode``; training:
+forward, cross-entropy on random labels, backward and an AdamW step. On CUDA, times are CUDA-event
+medians over ``--iters`` iterations after ``--warmup`` ones (bf16 autocast by default); peak memory is
+``torch.cuda.max_memory_allocated`` during the timed iterations minus what was allocated before (weights,
+optimizer state, input). On the CPU (``--device cpu``, float32) it is a quick look: wall-clock medians,
+no memory figure. Writes a table to stdout, and optionally JSON/CSV rows and a plot (img/s and memory
+against resolution).
+"""
+import argparse
+import csv
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vssm  # noqa: F401  (registers vssm's models with timm)
+
+
+def create(name, img_size, device):
+    """timm.create_model at img_size where the model takes that argument (ConvNeXt does not need it)."""
+    try:
+        model = timm.create_model(name, img_size=img_size)
+    except TypeError:
+        model = timm.create_model(name)
+    return model.to(device)
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def run(fn, iters):
+            times = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return statistics.median(times)
+    else:
+        def run(fn, iters):
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+    return run
+
+
+def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False):
+    """One row: seconds per iteration, images per second and peak extra memory (MiB) of one model."""
+    torch.manual_seed(0)
+    model = create(name, img_size, device)
+    if compile_model:
+        model = torch.compile(model)
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+    else:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        labels = torch.randint(0, model.num_classes, (batch,), device=device)
+
+        def step():
+            with autocast:
+                loss = F.cross_entropy(model(x), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they count as resident memory
+    timer = _timer(device)
+    timer(step, warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timer(step, iters)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else None
+    return dict(model=name, mode=mode, img_size=img_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                params_m=round(params / 1e6, 2), ms_per_iter=round(seconds * 1e3, 3),
+                img_per_s=round(batch / seconds, 1), peak_mib=None if peak is None else round(peak, 1))
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, mode) in sorted({(r["model"], r["mode"]) for r in rows if "error" not in r}):
+        pts = sorted((r["img_size"], r["img_per_s"], r["peak_mib"]) for r in rows
+                     if r["model"] == name and r["mode"] == mode and "error" not in r)
+        label = f"{name} ({mode})"
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if pts[0][2] is not None:
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    axes[0].set(xlabel="resolution (px)", ylabel="images / s", yscale="log", title="throughput")
+    axes[1].set(xlabel="resolution (px)", ylabel="peak extra memory (MiB)", yscale="log", title="memory")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", required=True, help="timm model names (vssm's or any timm model)")
+    p.add_argument("--img-size", nargs="+", type=int, default=[224])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[64],
+                   help="one batch size for all resolutions, or one per --img-size")
+    p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer"])
+    p.add_argument("--train-img-size", nargs="+", type=int, default=None,
+                   help="resolutions for --mode train (default: those of --img-size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="autocast dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--csv", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    iters = args.iters if args.iters is not None else (30 if cuda else 3)
+    if len(args.batch_size) not in (1, len(args.img_size)):
+        p.error("--batch-size takes one value or one per --img-size")
+    batch_of = dict(zip(args.img_size, args.batch_size * (len(args.img_size) if len(args.batch_size) == 1 else 1)))
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
+          f"timm {timm.__version__} | vssm {vssm.__version__} | {str(dtype).replace('torch.', '')}")
+    print(f"{'model':34s} {'mode':5s} {'res':>5s} {'batch':>5s} {'Mparam':>7s} {'ms/iter':>9s} {'img/s':>9s} "
+          f"{'peak MiB':>9s}")
+    rows = []
+    for mode in args.mode:
+        sizes = args.train_img_size if mode == "train" and args.train_img_size else args.img_size
+        for size in sizes:
+            for name in args.models:
+                batch = batch_of.get(size, args.batch_size[0])
+                try:
+                    row = measure(name, mode, size, batch, device, dtype, warmup, iters, args.compile)
+                except Exception as e:  # e.g. out of memory or a model that cannot take the size
+                    row = dict(model=name, mode=mode, img_size=size, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+                if "error" in row:
+                    print(f"{name:34s} {mode:5s} {size:5d} {batch:5d}  failed: {row['error'][:90]}")
+                else:
+                    print(f"{name:34s} {mode:5s} {size:5d} {batch:5d} {row['params_m']:7.2f} {row['ms_per_iter']:9.2f} "
+                          f"{row['img_per_s']:9.1f} {row['peak_mib'] if row['peak_mib'] is not None else '-':>9}")
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
