@@ -23,7 +23,7 @@ import timm
 import vssm  # noqa: F401  (registers the models)
 from scan_truth import loop_scan
 from vssm.kernels import cross_merge, cross_scan, selective_scan
-from vssm.models.vmamba import SS2D, VMamba, checkpoint_filter_fn
+from vssm.models.vmamba import SS2D, checkpoint_filter_fn
 
 VARIANTS = ["vmamba_tiny", "vmamba_small", "vmamba_base"]
 # parameters and state_dict keys of the official modules with 1000 classes (vmamba_tiny_s1l8,
@@ -140,8 +140,9 @@ def test_matches_official_computation():
     sd = to_official(model.state_dict())
     img = torch.randn(2, 3, 32, 44)
     ref = official_forward(sd, img, SMALL["depths"])
-    out = model(img)
-    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    assert (model(img).double() - ref).norm() / ref.norm() < 1e-5
+    out = model.double()(img.double())  # in float64 down to the norms' eps
+    assert (out - ref).norm() / ref.norm() < 1e-10
 
 
 def test_official_parameter_counts_and_keys():
@@ -203,8 +204,8 @@ def unfused_scan(ss2d, x):
     dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)
     dts = torch.einsum("bkrl,kdr->bkdl", dts, ss2d.dt_projs_weight)
     ys = selective_scan(xs.reshape(batch, K * D, -1), dts.reshape(batch, K * D, -1), -ss2d.A_logs.float().exp(),
-                        Bs.contiguous(), Cs.contiguous(), ss2d.Ds.float(), delta_bias=ss2d.dt_projs_bias.float().view(-1),
-                        delta_softplus=True)
+                        Bs.contiguous(), Cs.contiguous(), ss2d.Ds.float(),
+                        delta_bias=ss2d.dt_projs_bias.float().view(-1), delta_softplus=True)
     return cross_merge(ys.view(batch, K, D, H, W)).view(batch, D, H, W)
 
 
@@ -284,7 +285,8 @@ def test_official_checkpoint_loads_through_timm(official_file):
     tuned = timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               num_classes=7, in_chans=1, **SMALL).eval()
     torch.testing.assert_close(tuned.stem.conv1.weight, src.stem.conv1.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(tuned.forward_features(img[:, :1]), src.forward_features(img[:, :1].expand(-1, 3, -1, -1)),
+    grey = img[:, :1]
+    torch.testing.assert_close(tuned.forward_features(grey), src.forward_features(grey.expand(-1, 3, -1, -1)),
                                rtol=1e-5, atol=1e-5)
     feats = timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               features_only=True, **SMALL).eval()
@@ -417,8 +419,12 @@ def test_autocast_bf16_and_bf16_weights():
     model = small()
     img = torch.randn(2, 3, 32, 48)
     ref = model(img)
+    seen = []  # the scan's float32 output is normalised in float32, as in the official "oflex" path
+    hook = model.stages[0].blocks[0].ss2d.out_norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(img)
+    hook.remove()
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
     assert (out.float() - ref).norm() / ref.norm() < 5e-2
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

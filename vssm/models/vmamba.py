@@ -42,8 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, calculate_drop_path_rates, get_device_dtype, \
-    trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -73,17 +72,14 @@ class Linear2d(nn.Linear):
 class Mlp(nn.Module):
     """Channels-first MLP: fc1 -> GELU -> fc2 (1x1 maps)."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0., device=None, dtype=None):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.fc1 = Linear2d(dim, hidden_dim, **dd)
+        self.fc1 = Linear2d(dim, hidden_dim)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = Linear2d(hidden_dim, dim, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.fc2 = Linear2d(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class SS2D(nn.Module):
@@ -105,27 +101,24 @@ class SS2D(nn.Module):
             dt_min: float = 1e-3,
             dt_max: float = 0.1,
             dt_init_floor: float = 1e-4,
-            device=None,
-            dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         self.d_inner = d_inner = int(ssm_ratio * dim)
         self.d_state = d_state
         self.dt_rank = dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
         self.num_directions = K = 4
 
-        self.in_proj = Linear2d(dim, d_inner, bias=False, **dd)
+        self.in_proj = Linear2d(dim, d_inner, bias=False)
         self.dwconv = nn.Conv2d(
-            d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias, **dd)
+            d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         self.act = nn.SiLU()
-        self.x_proj_weight = nn.Parameter(torch.empty(K, dt_rank + 2 * d_state, d_inner, **dd))
-        self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, dt_rank, **dd))
-        self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner, **dd))
-        self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state, **dd))
-        self.Ds = nn.Parameter(torch.empty(K * d_inner, **dd))
-        self.out_norm = _norm_layer(d_inner, **dd)
-        self.out_proj = Linear2d(d_inner, dim, bias=False, **dd)
+        self.x_proj_weight = nn.Parameter(torch.empty(K, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(K * d_inner))
+        self.out_norm = _norm_layer(d_inner)
+        self.out_proj = Linear2d(d_inner, dim, bias=False)
         self.init_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
@@ -183,16 +176,13 @@ class VSSBlock(nn.Module):
             d_conv: int = 3,
             conv_bias: bool = False,
             mlp_ratio: float = 4.0,
-            device=None,
-            dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.norm1 = _norm_layer(dim, **dd)
+        self.norm1 = _norm_layer(dim)
         self.ss2d = SS2D(dim, ssm_ratio=ssm_ratio, d_state=d_state, dt_rank=dt_rank, d_conv=d_conv,
-                         conv_bias=conv_bias, **dd)
-        self.norm2 = _norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), **dd)
+                         conv_bias=conv_bias)
+        self.norm2 = _norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,15 +194,14 @@ class VSSBlock(nn.Module):
 class Stem(nn.Module):
     """Patch embedding to stride 4: conv3x3/2 -> LN -> GELU -> conv3x3/2 -> LN (official "v2")."""
 
-    def __init__(self, in_chans: int, dim: int, device=None, dtype=None):
+    def __init__(self, in_chans: int, dim: int):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         self.in_chans = in_chans
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1, **dd)
-        self.norm1 = _norm_layer(dim // 2, **dd)
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = _norm_layer(dim // 2)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1, **dd)
-        self.norm2 = _norm_layer(dim, **dd)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = _norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
@@ -231,23 +220,20 @@ class VMambaStage(nn.Module):
             depth: int,
             downsample: bool = True,
             drop_path_rates: Optional[Sequence[float]] = None,
-            device=None,
-            dtype=None,
             **block_kwargs,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
         if downsample:
             self.downsample = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, **dd),
-                norm=_norm_layer(dim, **dd),
+                conv=nn.Conv2d(in_dim, dim, 3, stride=2, padding=1),
+                norm=_norm_layer(dim),
             ))
         else:
             self.downsample = nn.Identity()
         drop_path_rates = drop_path_rates or [0.] * depth
         self.blocks = nn.Sequential(*[
-            VSSBlock(dim, drop_path=drop_path_rates[i], **block_kwargs, **dd) for i in range(depth)])
+            VSSBlock(dim, drop_path=drop_path_rates[i], **block_kwargs) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -298,11 +284,8 @@ class VMamba(nn.Module):
             mlp_ratio: float = 4.0,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            device=None,
-            dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         num_stages = len(depths)
         if isinstance(dims, int):
             dims = tuple(dims * 2 ** i for i in range(num_stages))
@@ -313,8 +296,9 @@ class VMamba(nn.Module):
         self.drop_rate = drop_rate
         self.img_size = img_size
 
-        self.stem = Stem(in_chans, dims[0], **dd)
-        dp_rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
+        self.stem = Stem(in_chans, dims[0])
+        n = sum(depths)
+        dp_rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear over all blocks
         stages = []
         self.feature_info = []
         for i in range(num_stages):
@@ -323,13 +307,13 @@ class VMamba(nn.Module):
                 dims[i - 1] if i else dims[0], dims[i], depths[i], downsample=i > 0,
                 drop_path_rates=dp_rates[first:first + depths[i]],
                 ssm_ratio=ssm_ratio, d_state=d_state, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias,
-                mlp_ratio=mlp_ratio, **dd))
+                mlp_ratio=mlp_ratio))
             self.feature_info += [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
-        self.norm = _norm_layer(self.num_features, **dd)
+        self.norm = _norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                   input_fmt='NCHW', **dd)
+                                   input_fmt='NCHW')
         self.apply(self._init_weights)
 
     @staticmethod
@@ -365,8 +349,9 @@ class VMamba(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, in_features=self.num_features, **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
+        self.head.in_features = self.num_features  # changed by prune_intermediate_layers
+        self.head.reset(num_classes, global_pool)
+        self.head.to(self.stem.conv1.weight.device)
 
     def forward_intermediates(
             self,
