@@ -20,7 +20,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import adapt_input_conv, checkpoint
+from timm.models._manipulate import adapt_input_conv
+from torch.utils.checkpoint import checkpoint
 
 from vssm.kernels import selective_scan
 
@@ -270,7 +271,7 @@ class Vim(nn.Module):
         hidden, residual, taken = x, None, []
         for i, layer in enumerate(layers):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                hidden, residual = checkpoint(layer, hidden, residual)
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual)
             if i in take_indices:
