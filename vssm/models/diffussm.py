@@ -69,7 +69,8 @@ class TimestepEmbedder(nn.Module):
 
     def sinusoid(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(self.max_period) / half))
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(steps * (-math.log(self.max_period) / half))
         angles = t.float()[:, None] * freqs[None]
         feats = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
         return F.pad(feats, (0, self.freq_dim % 2))
