@@ -1,8 +1,8 @@
 """DiffuSSM: a diffusion denoiser without attention.
 
 "Diffusion Models Without Attention", Yan, Gu, Rush, CVPR 2024 (https://arxiv.org/abs/2311.18257).
-No official code was released; this is written from the paper (Sec. 3.2 and Fig. 2 for the block, Sec. 4
-for the set-up) and DiT (Peebles & Xie, facebookresearch/DiT) for the parts the paper takes from it.
+No official code was released; this is written from the paper's description (Sec. 3.2 and Fig. 2 for the
+block, Sec. 4 for the set-up) and DiT (Peebles & Xie, facebookresearch/DiT) for the parts it takes from DiT.
 
 The noised latent (batch, C, H, W) is read as a sequence of L = H*W positions in raster order, one position
 per latent pixel: no patchification where the long-range mixing happens. Every layer is a DiffuSSM block on
@@ -15,14 +15,15 @@ a sequence shortened by the downscale ratio M (the paper's hourglass), J = L / M
     O_j      = W^3 (act(W^2 I'_j) * act(W^1 I_j))           (batch, J, D)    gated fusion
     x        = x + gate(t, y) * O                                              adaLN-Zero residual
 
-Paper facts (Sec. 3.2, 4.1, 5): the equations above, with I in R^{J x D}, Y in R^{L x 2D} and pieces of
-width D_m = 2D/M; the SSM runs at the original length L; class label and timestep are combined and given
-to every position (DiT's conditioning); a linear decoder after the last block predicts the noise and the
-diagonal covariance (learned sigma, 2C output channels); DiffuSSM-XL has D = 1152, 29 layers and about 673M
-parameters; S and L use D = 384 and 768; M = 2 (the FLOP count the paper gives for one layer, 7.5 L D^2 at
-M = 2, is what the widths above give: W^0 0.5, W^up 1, W^down 2, W^1 1, W^2 2, W^3 1, in units of L D^2).
+Paper facts (Sec. 3.2, 4.1, 5, as quoted by reviews of the paper; the PDF itself was not at hand): the
+equations above, with I in R^{J x D}, Y in R^{L x 2D} and pieces of width D_m = 2D/M; the SSM runs at
+the original length L; class label and timestep are combined and given to every position (DiT's
+conditioning); a linear decoder after the last block predicts the noise and the diagonal covariance
+(learned sigma, 2C output channels); DiffuSSM-XL has D = 1152, 29 layers and about 673M parameters; S and
+L use D = 384 and 768; M = 2 (the FLOP count quoted for one layer, 7.5 L D^2 at M = 2, is what the widths
+above give: W^0 0.5, W^up 1, W^down 2, W^1 1, W^2 2, W^3 1, in units of L D^2).
 
-Choices where the paper is silent or where vssm differs, each marked "choice:" below:
+Choices where the paper is silent or where vssm differs:
 - SSM: the paper's bidirectional SSM is S4D (as in BiGS, "Pretraining Without Attention"); here both
   directions are Mamba's selective scan through vssm's shared kernel, the backward one with
   ``reverse=True`` (no flipped copies). Each direction has its own x_proj/dt_proj/A/D (as BiGS has two
@@ -39,7 +40,7 @@ Choices where the paper is silent or where vssm differs, each marked "choice:" b
   latent height and any width that is a multiple of M runs (`input_size` is the default size only).
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -99,8 +100,8 @@ class BiSSM(nn.Module):
     """The paper's Bidirectional-SSM: (batch, D, L) -> (batch, 2D, L), the forward scan's output in channels
     [0, D) and the backward scan's in [D, 2D).
 
-    choice: vim.BiMamba is a whole Mamba mixer (in/out projections, convolutions, z gate, averaged directions);
-    here the hourglass supplies the projections and the gate, and the paper keeps both directions (2D
+    Why not vim.BiMamba: it is a whole Mamba mixer (in/out projections, convolutions, z gate, averaged
+    directions); here the hourglass supplies the projections and the gate, and the paper keeps both directions (2D
     channels), so only the selective SSM is kept: per direction (dt, B, C) = x_proj(u), delta = dt_proj(dt),
     y = selective_scan(u, delta, A, B, C, D) with Mamba's parameterisation and initialisation. The parameter
     names follow Vim's ("_b" for the backward direction).
