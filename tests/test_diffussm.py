@@ -219,19 +219,25 @@ def test_learned_sigma_channels():
 
 
 def test_forward_with_cfg():
+    """DiT's convention: a doubled batch [x; x] with labels [y; null] in, guided noise in both halves out."""
     model = tiny()
     x, t, y = inputs(model, batch=3)
     y = torch.tensor([0, 4, 2])
     null = torch.full_like(y, model.num_classes)
     cond, uncond = model(x, t, y), model(x, t, null)
     assert not torch.allclose(cond, uncond, atol=1e-4)
+    x2, t2, y2 = torch.cat([x, torch.randn_like(x)]), torch.cat([t, t]), torch.cat([y, null])  # 2nd half unused
     for scale in (4.0, 1.5):
-        out = model.forward_with_cfg(x, t, y, scale)
-        assert out.shape == cond.shape
-        torch.testing.assert_close(out[:, :2], uncond[:, :2] + scale * (cond[:, :2] - uncond[:, :2]),
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[:, 2:], cond[:, 2:], rtol=1e-5, atol=1e-6)  # variance: not guided
-    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), cond, rtol=1e-5, atol=1e-5)
+        out = model.forward_with_cfg(x2, t2, y2, scale)
+        assert out.shape == (6,) + cond.shape[1:]
+        guided = uncond[:, :2] + scale * (cond[:, :2] - uncond[:, :2])
+        torch.testing.assert_close(out[:3, :2], guided, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[3:, :2], guided, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:3, 2:], cond[:, 2:], rtol=1e-5, atol=1e-6)  # variance: not guided
+        torch.testing.assert_close(out[3:, 2:], uncond[:, 2:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.forward_with_cfg(x2, t2, y2, 1.0)[:3], cond, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="doubled batch"):
+        model.forward_with_cfg(x, t, y, 2.0)
 
 
 def test_label_dropout_uses_null_class():
@@ -304,7 +310,9 @@ def test_state_dict_round_trip():
     buf.seek(0)
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(other(x, t, y), model(x, t, y))
-    assert torch.equal(other.forward_with_cfg(x, t, y, 3.0), model.forward_with_cfg(x, t, y, 3.0))
+    y2 = torch.cat([y, torch.full_like(y, model.num_classes)])
+    assert torch.equal(other.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y2, 3.0),
+                       model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y2, 3.0))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -332,7 +340,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"y must be an integer tensor of shape \(2,\), got NoneType"):
         model(x, t)
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\]"):
-        model.forward_with_cfg(x, t, torch.tensor([9, 0]), 2.0)
+        model.forward_with_cfg(x, t, torch.tensor([9, 0]), 2.0)  # a doubled batch of 1 with a bad id
     uncond = tiny(num_classes=0)
     with pytest.raises(ValueError, match="unconditional"):
         uncond(x, t, y)

@@ -328,20 +328,22 @@ class DiffuSSM(nn.Module):
         return out.reshape(batch, H, W, self.out_chans).permute(0, 3, 1, 2)
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float):
-        """Classifier-free guidance in one batched pass: the model runs on [x, x] with labels [y, null]; the
-        noise channels are uncond + cfg_scale * (cond - uncond), the variance channels (learn_sigma) the
-        conditional ones, as DiT. Unlike DiT's, x, t, y are the batch to guide (batch, ...), not an already
-        doubled one, and the result has that batch (batch, out_chans, H, W)."""
+        """Classifier-free guidance, DiT's convention (so DiT-style samplers apply): x, t, y are a doubled
+        batch whose first half carries the class labels and whose second half the null class; the model runs
+        on the first half's latents twice, the noise channels become uncond + cfg_scale * (cond - uncond) in
+        both halves, and the variance channels (learn_sigma) are returned as predicted."""
         if self.y_embedder is None:
             raise ValueError("DiffuSSM: forward_with_cfg needs a class-conditional model (num_classes > 0)")
         self._check_latents(x)
-        batch = x.shape[0]
-        t = self._timesteps(t, batch, x.device)
-        self._check_labels(y, batch)
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.num_classes)]))
-        cond, uncond = out.chunk(2)
-        eps = uncond[:, :self.in_chans] + cfg_scale * (cond[:, :self.in_chans] - uncond[:, :self.in_chans])
-        return torch.cat([eps, cond[:, self.in_chans:]], dim=1)
+        if x.shape[0] % 2:
+            raise ValueError(f"DiffuSSM: forward_with_cfg takes a doubled batch ([conditional; null-class]) "
+                             f"as DiT does, got an odd batch of {x.shape[0]}")
+        half = x[:x.shape[0] // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        eps, rest = out[:, :self.in_chans], out[:, self.in_chans:]
+        cond, uncond = eps.chunk(2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
 def _create_diffussm(variant, pretrained=False, **kwargs):
