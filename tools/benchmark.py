@@ -27,12 +27,12 @@ import torch.nn.functional as F
 import vssm  # noqa: F401  (registers vssm's models with timm)
 
 
-def create(name, img_size, device):
+def create(name, img_size, device, **kwargs):
     """timm.create_model at img_size where the model takes that argument (ConvNeXt does not need it)."""
     try:
-        model = timm.create_model(name, img_size=img_size)
+        model = timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError:
-        model = timm.create_model(name)
+        model = timm.create_model(name, **kwargs)
     return model.to(device)
 
 
@@ -47,7 +47,7 @@ def _timer(device):
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
+            return statistics.median(times) if times else None
     else:
         def run(fn, iters):
             times = []
@@ -55,14 +55,14 @@ def _timer(device):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+            return statistics.median(times) if times else None
     return run
 
 
-def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False):
+def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False, model_kwargs=None):
     """One row: seconds per iteration, images per second and peak extra memory (MiB) of one model."""
     torch.manual_seed(0)
-    model = create(name, img_size, device)
+    model = create(name, img_size, device, **(model_kwargs or {}))
     if compile_model:
         model = torch.compile(model)
     params = sum(p.numel() for p in model.parameters())
@@ -132,6 +132,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='JSON of extra timm.create_model arguments for every model, e.g. \'{"depth": 12}\'')
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
     p.add_argument("--plot", type=Path)
@@ -160,7 +162,7 @@ def main(argv=None):
             for name in args.models:
                 batch = batch_of.get(size, args.batch_size[0])
                 try:
-                    row = measure(name, mode, size, batch, device, dtype, warmup, iters, args.compile)
+                    row = measure(name, mode, size, batch, device, dtype, warmup, iters, args.compile, args.model_kwargs)
                 except Exception as e:  # e.g. out of memory or a model that cannot take the size
                     row = dict(model=name, mode=mode, img_size=size, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
