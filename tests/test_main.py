@@ -1,4 +1,5 @@
-"""`python -m vssm`: the environment and scan self-check that the README's first command runs."""
+"""`python -m vssm` / `vssm info`: the environment and scan self-check that the README's first command runs
+(`vssm` with no subcommand runs it too)."""
 import pytest
 
 import vssm.kernels
@@ -27,3 +28,13 @@ def test_self_check_fails_on_a_wrong_scan(capsys, monkeypatch):
     code, out = run(capsys, "--quick", "--device", "cpu")
     assert code == 1
     assert "FAILED" in out
+
+
+def test_no_subcommand_runs_the_self_check(capsys):
+    code, out = run(capsys, "--quick", "--device", "cpu")
+    assert code == 0 and out.rstrip().endswith("self-check passed")
+
+
+def test_help_lists_the_subcommands(capsys):
+    code, out = run(capsys, "--help")
+    assert code == 0 and "{info,demo}" in out and "demo" in out.split("{info,demo}", 1)[1]

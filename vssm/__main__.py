@@ -1,10 +1,16 @@
-"""`python -m vssm` / `vssm`: environment and selective-scan self-check.
+"""`vssm` / `python -m vssm`: the vssm command line.
 
     vssm info [--device cuda|cpu] [--quick]
+    vssm demo [--models vim vmamba] [--epochs N] [--batch-size B] [--device cuda|cpu] [--out DIR]
 
-Prints versions, the device, which scan backend runs there, and checks the scan on random inputs against
-a float64 per-position loop (forward and gradients), with its speed against that loop and, on CUDA, the
-Triton kernels against the PyTorch reference. Exits with status 1 when a check fails.
+`info` (also what `vssm` with no subcommand runs, with the same options) prints versions, the device,
+which scan backend runs there, and checks the scan on random inputs against a float64 per-position loop
+(forward and gradients), with its speed against that loop and, on CUDA, the Triton kernels against the
+PyTorch reference. Exits with status 1 when a check fails.
+
+`demo` trains a small Vim and a small VMamba on scikit-learn's handwritten digits and exits with status 1
+when a model ends below the accuracy bound (see `vssm.demo`). It needs the demo extra:
+pip install 'vssm[demo]'.
 """
 import argparse
 import platform
@@ -103,16 +109,66 @@ def _version(module):
         return "not installed"
 
 
+def _device(parser, name):
+    """--device's value (default: cuda when available) as a torch.device; a usage error when unusable."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {name}: not a torch device; use cuda or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def _demo(args):
+    from . import demo
+
+    try:
+        _, passed = demo.run(models=args.models, epochs=args.epochs, batch_size=args.batch_size,
+                             device=args.device, out=args.out, min_acc=args.min_acc, seed=args.seed,
+                             progress=not args.no_progress)
+    except demo.MissingExtras as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if passed else 1
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="vssm", description="vssm command line")
-    sub = parser.add_subparsers(dest="command")
-    p_info = sub.add_parser("info", help="environment and selective-scan self-check (the default)")
+    parser = argparse.ArgumentParser(prog="vssm", description="vssm command line (no subcommand: info)")
+    sub = parser.add_subparsers(dest="command", metavar="{info,demo}")
+    p_info = sub.add_parser("info", help="environment and selective-scan self-check (the default)",
+                            description="Environment and selective-scan self-check; exit status 1 if it fails.")
     for p in (parser, p_info):
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--quick", action="store_true", help="smaller check")
+    p_demo = sub.add_parser(
+        "demo", help="train a small Vim and VMamba on scikit-learn's digits",
+        description="Train small Vim and VMamba models (timm.create_model, reduced sizes) on scikit-learn's "
+                    "8x8 handwritten digits; print their loss, accuracy and throughput, plot the curves to "
+                    "OUT/curves.png. Exit status 1 if a model ends below --min-acc. Needs pip install 'vssm[demo]'.")
+    p_demo.add_argument("--models", nargs="+", choices=("vim", "vmamba"), default=["vim", "vmamba"],
+                        help="models to train (default: vim vmamba)")
+    p_demo.add_argument("--epochs", type=_positive, default=10, help="training epochs per model (default: 10)")
+    p_demo.add_argument("--batch-size", type=_positive, default=64, help="batch size (default: 64)")
+    p_demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p_demo.add_argument("--out", default="vssm-demo", help="output folder for curves.png (default: ./vssm-demo)")
+    p_demo.add_argument("--min-acc", type=float, default=0.95,
+                        help="final test accuracy every model must reach, as a fraction (default: 0.95)")
+    p_demo.add_argument("--seed", type=int, default=0, help="seed of the split, weights and batches (default: 0)")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device({"info": p_info, "demo": p_demo}.get(args.command, parser), args.device)
+    if args.command == "demo":
+        args.device = device
+        sys.exit(_demo(args))
     sys.exit(0 if info(device, args.quick) else 1)
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":
