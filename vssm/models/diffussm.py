@@ -49,7 +49,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from vssm.kernels import selective_scan
+from ._ssm import init_dt_bias_, ssm_direction
 
 __all__ = ["DiffuSSM", "DiffuSSMBlock", "BiSSM"]
 
@@ -121,23 +121,12 @@ class BiSSM(nn.Module):
         self.A_b_log = nn.Parameter(A_log.clone())
         self.D_b = nn.Parameter(torch.ones(dim))
         for dt_proj in (self.dt_proj, self.dt_proj_b):
-            # Mamba's init: dt log-uniform in [dt_min, dt_max], stored through softplus's inverse
             nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
-            dt = torch.exp(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            with torch.no_grad():
-                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-    def _direction(self, u, x_proj, dt_proj, A_log, D, reverse):
-        x_dbl = torch.matmul(x_proj.weight, u)  # (batch, dt_rank + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, dt)  # (batch, D, L); the bias is added in the scan
-        return selective_scan(u, delta, -torch.exp(A_log.float()), B, C, D.float(),
-                              delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
+            init_dt_bias_(dt_proj.bias, dt_min, dt_max, dt_init_floor)
 
     def forward(self, u):
-        y = self._direction(u, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        y_b = self._direction(u, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+        y = ssm_direction(u, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state)
+        y_b = ssm_direction(u, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, reverse=True)
         return torch.cat([y, y_b], dim=1)
 
 

@@ -23,9 +23,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 from torch.utils.checkpoint import checkpoint
 
-from vssm.kernels import selective_scan
-
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
+from ._ssm import init_dt_bias_, ssm_direction
 
 __all__ = ["Vim"]
 
@@ -90,12 +89,8 @@ class BiMamba(nn.Module):
         self.A_b_log = nn.Parameter(A_log.clone())
         self.D_b = nn.Parameter(torch.ones(d_inner))
         for dt_proj in (self.dt_proj, self.dt_proj_b):
-            # Mamba's init: dt log-uniform in [dt_min, dt_max], stored through softplus's inverse
             nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
-            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            with torch.no_grad():
-                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            init_dt_bias_(dt_proj.bias, dt_min, dt_max, dt_init_floor)
             dt_proj.bias._no_reinit = True
 
     def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
@@ -106,12 +101,7 @@ class BiMamba(nn.Module):
         else:
             x = F.conv1d(x, conv1d.weight, conv1d.bias, padding=k - 1, groups=self.d_inner)[..., :L]
         x = F.silu(x)  # contiguous again
-        x_dbl = torch.matmul(x_proj.weight, x)  # (batch, dt_rank + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, dt)  # (batch, d_inner, L); the bias is added in the scan
-        A = -torch.exp(A_log.float())
-        return selective_scan(x, delta, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(),
-                              delta_softplus=True, reverse=reverse)
+        return ssm_direction(x, x_proj, dt_proj, A_log, D, self.d_state, z=z, reverse=reverse)
 
     def forward(self, tokens):
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each

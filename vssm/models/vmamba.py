@@ -50,6 +50,7 @@ from timm.models._manipulate import adapt_input_conv
 from vssm.kernels import cross_selective_scan
 
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
+from ._ssm import init_dt_bias_
 
 __all__ = ["VMamba", "SS2D", "VSSBlock", "checkpoint_filter_fn"]
 
@@ -129,9 +130,7 @@ class SS2D(nn.Module):
         self.x_proj_weight.uniform_(-bound, bound)
         bound = self.dt_rank ** -0.5
         self.dt_projs_weight.uniform_(-bound, bound)
-        log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_dt_bias_(self.dt_projs_bias, dt_min, dt_max, dt_init_floor)
         A = torch.arange(1, self.d_state + 1, dtype=self.A_logs.dtype, device=self.A_logs.device)
         self.A_logs.copy_(A.log().expand_as(self.A_logs))
         self.Ds.fill_(1.)
