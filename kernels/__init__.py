@@ -3,9 +3,9 @@
 On CUDA tensors it runs Triton kernels (forward and backward); elsewhere an exact PyTorch reference.
 """
 from .reference import cross_merge_ref, cross_scan_ref, cross_selective_scan_ref, selective_scan_ref
-from .scan import (cross_merge, cross_scan, cross_selective_scan, scan_backend, selective_scan,
+from .scan import (count_scan_flops, cross_merge, cross_scan, cross_selective_scan, scan_backend, selective_scan,
                    triton_available)
 
-__all__ = ["selective_scan", "cross_selective_scan", "cross_scan", "cross_merge", "scan_backend",
+__all__ = ["selective_scan", "cross_selective_scan", "cross_scan", "cross_merge", "scan_backend", "count_scan_flops",
            "triton_available", "selective_scan_ref", "cross_selective_scan_ref", "cross_scan_ref",
            "cross_merge_ref"]

@@ -3,6 +3,7 @@
 `selective_scan` has the semantics of mamba_ssm's `selective_scan_fn`; `cross_selective_scan` is VMamba's
 SS2D core (cross-scan -> grouped scan -> cross-merge) in one fused pass.
 """
+import contextlib
 import os
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from .reference import cross_merge_ref, cross_scan_ref, cross_selective_scan_ref, selective_scan_ref
 
 __all__ = ["selective_scan", "cross_selective_scan", "cross_scan", "cross_merge", "scan_backend",
-           "triton_available"]
+           "triton_available", "count_scan_flops"]
 
 _BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,6 +173,32 @@ class _TritonScan(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# FLOP counting (for tools/flops.py: torch's FlopCounterMode counts the matmuls and convolutions, not this)
+# ---------------------------------------------------------------------------------------------------------
+_flop_counters = []
+
+
+@contextlib.contextmanager
+def count_scan_flops():
+    """Count the selective scans run inside the block by the rule of Mamba's authors that VMamba's published
+    FLOPs use (state-spaces/mamba#110): 9 * batch * L * dim * N, plus batch * dim * L for D and again for z.
+    Yields a dict whose "flops" and "calls" grow with every scan."""
+    counter = {"flops": 0, "calls": 0}
+    _flop_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _flop_counters.remove(counter)
+
+
+def _count_flops(batch, dim, L, N, has_D, has_z):
+    flops = 9 * batch * L * dim * N + batch * dim * L * (int(has_D) + int(has_z))
+    for counter in _flop_counters:
+        counter["flops"] += flops
+        counter["calls"] += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------------
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -193,6 +220,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         (float64 in the reference) whatever the input dtype.
     """
     B4, C4 = _check_scan(u, delta, A, B, C, D, z, delta_bias)
+    if _flop_counters:
+        _count_flops(*u.shape, A.shape[1], D is not None, z is not None)
     if scan_backend(u.device, u.dtype, backend) == "torch":
         return selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state,
                                   reverse)
@@ -217,6 +246,8 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
         (batch, dim, H, W) in float32 (float64 for float64 x), like VMamba's "oflex" output.
     """
     _check_cross(x, delta, A, B, C, D, delta_bias)
+    if _flop_counters:
+        _count_flops(x.shape[0], 4 * x.shape[1], x.shape[2] * x.shape[3], A.shape[1], D is not None, False)
     if scan_backend(x.device, x.dtype, backend) == "torch":
         return cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
     batch, dim, H, W = x.shape

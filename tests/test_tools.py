@@ -5,6 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from vssm.kernels import selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +47,37 @@ def test_benchmark_cli_rejects_mismatched_batch_sizes():
     with pytest.raises(SystemExit):
         benchmark.main(["--models", "vim_tiny_patch16_224", "--device", "cpu", "--img-size", "32", "48", "64",
                         "--batch-size", "1", "2"])
+
+
+class _ConvNormScan(torch.nn.Module):
+    """A 3x3 conv (3 -> 4 channels), a LayerNorm over the channels and one selective scan over the map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = torch.nn.LayerNorm(4)
+        self.A = torch.nn.Parameter(-torch.rand(4, 5) - 0.5)
+
+    def forward(self, x):
+        x = self.conv(x)                                        # (1, 4, 8, 8)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).flatten(2)  # (1, 4, 64)
+        B = C = x[:, :1].repeat(1, 5, 1)                        # (1, N=5, 64)
+        return selective_scan(x, x.sigmoid(), self.A, B, C, D=torch.ones(4), z=x)
+
+
+def test_flops_of_a_known_layer_by_hand():
+    flops = load_tool("flops")
+    row = flops.count(_ConvNormScan(), img_size=8)
+    conv = 4 * 8 * 8 * (3 * 3 * 3)              # multiply-adds: output elements x (in_chans x k x k)
+    norm = 5 * (4 * 8 * 8)                      # fvcore's 5 operations per normalised element
+    scan = 9 * 1 * 64 * 4 * 5 + 1 * 4 * 64 * 2  # 9 B L D N, + B D L for D and for z
+    assert (row["macs"], row["scan_flops"], row["scan_calls"]) == (conv + norm, scan, 1)
+    assert row["gflops"] == (conv + norm + scan) / 1e9
+
+
+def test_flops_cli_matches_the_published_vmamba_tiny(tmp_path):
+    flops = load_tool("flops")
+    rows = flops.main(["--models", "vmamba_tiny", "--json", str(tmp_path / "f.json")])
+    assert abs(rows[0]["gflops"] - 4.9) < 0.05  # the official README's 4.9G (fvcore + the scan rule)
+    assert rows[0]["params"] == 30_249_064
+    assert json.loads((tmp_path / "f.json").read_text()) == rows
