@@ -134,6 +134,12 @@ def _insert_middle(tokens, cls_token):
     return torch.cat([tokens[:, :p], cls_token.expand(tokens.shape[0], -1, -1), tokens[:, p:]], dim=1)
 
 
+def _split_middle(tokens):
+    """The inverse of _insert_middle: (batch, M + 1, D) -> patch tokens (batch, M, D), class token (batch, 1, D)."""
+    p = (tokens.shape[1] - 1) // 2
+    return torch.cat([tokens[:, :p], tokens[:, p + 1:]], dim=1), tokens[:, p:p + 1]
+
+
 def resample_pos_embed(pos_embed, new_grid, old_grid=None):
     """Resample a middle-class-token position embedding (1, M + 1, D) to another token grid: the class
     token's row (index M // 2) is kept, the patch rows are interpolated (bicubic) and the class row is put
@@ -146,10 +152,9 @@ def resample_pos_embed(pos_embed, new_grid, old_grid=None):
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    p = M // 2
-    patches = torch.cat([pos_embed[:, :p], pos_embed[:, p + 1:]], dim=1)
+    patches, cls_row = _split_middle(pos_embed)
     patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0)
-    return _insert_middle(patches, pos_embed[:, p:p + 1])
+    return _insert_middle(patches, cls_row)
 
 
 class Vim(nn.Module):
@@ -175,10 +180,6 @@ class Vim(nn.Module):
             norm_eps: float = 1e-5,
     ):
         super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"Vim: global_pool must be 'token' (middle class token), 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
@@ -195,7 +196,7 @@ class Vim(nn.Module):
         self.drop_path = DropPath(dpr[depth]) if dpr[depth] > 0 else nn.Identity()
         self.norm_f = RmsNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)  # the head, and the checked global_pool
         stride_px = self.patch_embed.stride[0]
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=stride_px) for i in range(depth)]
         self._init_weights(depth)
@@ -238,7 +239,8 @@ class Vim(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+                raise ValueError(f"Vim: global_pool must be 'token' (middle class token), 'avg' or '', got "
+                                 f"{global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -280,11 +282,9 @@ class Vim(nn.Module):
         return self._final_norm(hidden, residual)
 
     def forward_head(self, x, pre_logits: bool = False):
-        if self.global_pool == "token":
-            x = x[:, (x.shape[1] - 1) // 2]
-        elif self.global_pool == "avg":
-            p = (x.shape[1] - 1) // 2
-            x = torch.cat([x[:, :p], x[:, p + 1:]], dim=1).mean(dim=1)
+        if self.global_pool:
+            patches, cls = _split_middle(x)
+            x = cls[:, 0] if self.global_pool == "token" else patches.mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -311,12 +311,10 @@ class Vim(nn.Module):
         x, grid = self._embed(x)
         layers = self.layers[:max_index + 1] if stop_early else self.layers
         hidden, residual, taken = self._run_layers(x, layers, set(take_indices), norm)
-        p = (x.shape[1] - 1) // 2
-        prefix = [t[:, p:p + 1] for t in taken]
-        spatial = [torch.cat([t[:, :p], t[:, p + 1:]], dim=1) for t in taken]
+        spatial, prefix = zip(*map(_split_middle, taken)) if taken else ((), ())
         if output_fmt == "NCHW":
             spatial = [t.reshape(t.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for t in spatial]
-        intermediates = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
+        intermediates = list(zip(spatial, prefix)) if return_prefix_tokens else list(spatial)
         if intermediates_only:
             return intermediates
         return self._final_norm(hidden, residual), intermediates
