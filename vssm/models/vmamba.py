@@ -12,9 +12,16 @@ the official outputs:
 * stem: two 3x3 stride-2 convs (LayerNorm2d and GELU between them, LayerNorm2d after): stride 4.
 * four stages; every stage but the first starts with a 3x3 stride-2 conv + LayerNorm2d (the official model
   keeps that conv at the end of the previous stage; `checkpoint_filter_fn` moves its keys).
-* VSSBlock: x + SS2D(LN(x)), then x + MLP(LN(x)); everything channels-first, (B, C, H, W).
+* VSSBlock: x + SS2D(LN(x)), then x + MLP(LN(x)).
 * SS2D: 1x1 in_proj -> 3x3 depthwise conv -> SiLU -> selective scans in four orders (row-major, column-major and
   both reversed) with state size 1 -> LayerNorm2d -> 1x1 out_proj. No gate (the "_noz" of v05_noz).
+
+Layout: the official model runs channels-first (B, C, H, W) with LayerNorm2d and 1x1 convs; this one keeps the
+stages channels-last (B, H, W, C), where every norm is a plain LayerNorm and every 1x1 map a Linear over the
+last dimension (same parameters, same keys). Only the depthwise convs, the downsampling convs and the scan see
+(B, C, H, W): one transposed copy before each SS2D's depthwise conv and one of the scan output before
+out_norm. On a GPU the channels-first version spent more time permuting maps for LayerNorm2d than in the scan.
+Features, intermediates and forward_features are returned as (B, C, H, W) like the official model's.
 
 The four-direction scan runs through `vssm.kernels.cross_selective_scan`, which reads the map in the four scan
 orders itself and accumulates the merged float32 output: the per-direction projections (x_proj, dt_proj) are
@@ -33,7 +40,6 @@ and `pretrained_cfg_overlay=dict(file=...)` read them with `VMamba.load_pretrain
 """
 import math
 import re
-from collections import OrderedDict
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -58,29 +64,18 @@ __all__ = ["VMamba", "SS2D", "VSSBlock", "checkpoint_filter_fn"]
 # Traced, the CPU reference's data-dependent chunk checks break the graph dozens of times per block.
 _cross_selective_scan = torch.compiler.disable(cross_selective_scan)
 
-# nn.LayerNorm's default eps, which the official LayerNorm2d keeps (timm's LayerNorm2d defaults to 1e-6)
-_norm_layer = partial(LayerNorm2d, eps=1e-5)
+# the official LayerNorm2d is nn.LayerNorm over the channels, with its default eps
+_norm_layer = partial(nn.LayerNorm, eps=1e-5)
 
 
-class Linear2d(nn.Linear):
-    """A Linear over the channels of a (B, C, H, W) map (a 1x1 conv) whose weight is stored as a Linear's
-    (out, in), as in the official checkpoints."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> a (B, C, H, W) view (channels_last memory format, no copy)."""
+    return x.permute(0, 3, 1, 2)
 
 
-class Mlp(nn.Module):
-    """Channels-first MLP: fc1 -> GELU -> fc2 (1x1 maps)."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = Linear2d(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = Linear2d(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> a (B, H, W, C) view."""
+    return x.permute(0, 2, 3, 1)
 
 
 class SS2D(nn.Module):
@@ -109,7 +104,7 @@ class SS2D(nn.Module):
         self.dt_rank = dt_rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
         self.num_directions = K = 4
 
-        self.in_proj = Linear2d(dim, d_inner, bias=False)
+        self.in_proj = nn.Linear(dim, d_inner, bias=False)
         self.dwconv = nn.Conv2d(
             d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         self.act = nn.SiLU()
@@ -119,7 +114,7 @@ class SS2D(nn.Module):
         self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state))
         self.Ds = nn.Parameter(torch.empty(K * d_inner))
         self.out_norm = _norm_layer(d_inner)
-        self.out_proj = Linear2d(d_inner, dim, bias=False)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.init_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
@@ -154,8 +149,10 @@ class SS2D(nn.Module):
             f32(self.dt_projs_bias).view(-1), delta_softplus=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.dwconv(self.in_proj(x)))
-        y = self.scan(x)
+        """x: (B, H, W, dim) -> (B, H, W, dim)."""
+        x = _nchw(self.in_proj(x)).contiguous()  # the scan reads (B, D, H, W)
+        x = self.act(self.dwconv(x))
+        y = _nhwc(self.scan(x))
         # the scan output is float32; normalise it in the norm's dtype (float32 under autocast, like the
         # official "oflex" path), then continue in the activations' dtype
         y = self.out_norm(y.to(self.out_norm.weight.dtype)).to(x.dtype)
@@ -181,17 +178,19 @@ class VSSBlock(nn.Module):
         self.ss2d = SS2D(dim, ssm_ratio=ssm_ratio, d_state=d_state, dt_rank=dt_rank, d_conv=d_conv,
                          conv_bias=conv_bias)
         self.norm2 = _norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> GELU -> fc2
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, dim)."""
         x = x + self.drop_path(self.ss2d(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
 
 class Stem(nn.Module):
-    """Patch embedding to stride 4: conv3x3/2 -> LN -> GELU -> conv3x3/2 -> LN (official "v2")."""
+    """Patch embedding to stride 4: conv3x3/2 -> LN -> GELU -> conv3x3/2 -> LN (official "v2"); images
+    (B, C, H, W) in, (B, H/4, W/4, dim) out."""
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
@@ -206,11 +205,24 @@ class Stem(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"VMamba expects images of shape (batch, {self.in_chans}, height, width), "
                              f"got {tuple(x.shape)}")
-        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        x = self.act(self.norm1(_nhwc(self.conv1(x))))
+        return self.norm2(_nhwc(self.conv2(_nchw(x))))
+
+
+class Downsample(nn.Module):
+    """conv3x3/2 -> LN (official "v3"), (B, H, W, C) in and out."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1)
+        self.norm = _norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_nhwc(self.conv(_nchw(x))))
 
 
 class VMambaStage(nn.Module):
-    """Optional downsample (conv3x3/2 -> LN, official "v3") followed by VSSBlocks."""
+    """Optional downsample followed by VSSBlocks, (B, H, W, C) in and out."""
 
     def __init__(
             self,
@@ -223,13 +235,7 @@ class VMambaStage(nn.Module):
     ):
         super().__init__()
         self.grad_checkpointing = False
-        if downsample:
-            self.downsample = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_dim, dim, 3, stride=2, padding=1),
-                norm=_norm_layer(dim),
-            ))
-        else:
-            self.downsample = nn.Identity()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         drop_path_rates = drop_path_rates or [0.] * depth
         self.blocks = nn.Sequential(*[
             VSSBlock(dim, drop_path=drop_path_rates[i], **block_kwargs) for i in range(depth)])
@@ -317,7 +323,7 @@ class VMamba(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):  # includes the 1x1 Linear2d maps
+        if isinstance(m, nn.Linear):  # the official 1x1 maps (Linear2d) are Linears here
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -382,12 +388,12 @@ class VMamba(nn.Module):
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+                intermediates.append(_nchw(self.norm(x) if norm and feat_idx == last_idx else x))
         if intermediates_only:
             return intermediates
         if feat_idx == last_idx:
             x = self.norm(x)
-        return x, intermediates
+        return _nchw(x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -410,7 +416,7 @@ class VMamba(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stages(x)
-        return self.norm(x)
+        return _nchw(self.norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
@@ -468,7 +474,7 @@ def _official_key(k: str) -> str:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map an official VMamba state_dict (or a whole official checkpoint dict) to this model's keys.
 
-    Accepts the official key names (incl. legacy ones), Linear2d weights stored 2-D or as (out, in, 1, 1),
+    Accepts the official key names (incl. legacy ones), 1x1 map (Linear2d) weights stored 2-D or as (out, in, 1, 1),
     a checkpoint dict with 'model' (taken in preference to 'model_ema', as the official downstream code does),
     'module.' prefixes, and timm-format state dicts (returned with only the 2-D reshape applied). Keys that match
     nothing are kept, so a strict load reports them.
@@ -481,7 +487,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         if official:
             k = _official_key(k)
         if k in own and own[k].dim() == 2 and v.dim() == 4 and v.shape[2:] == (1, 1):
-            v = v.reshape(v.shape[:2])  # Linear2d weight saved as a 1x1 conv weight
+            v = v.reshape(v.shape[:2])  # a Linear weight saved as a 1x1 conv weight
         out[k] = v
     return out
 
@@ -495,7 +501,7 @@ def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
     return build_model_with_cfg(
         VMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),  # features via forward_intermediates
         **own_loader(kwargs))
 
 
