@@ -53,7 +53,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
-from vssm.kernels import cross_selective_scan
+from vssm.kernels import cross_selective_scan, layer_norm
 
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
 from ._ssm import init_dt_bias_
@@ -64,8 +64,17 @@ __all__ = ["VMamba", "SS2D", "VSSBlock", "checkpoint_filter_fn"]
 # Traced, the CPU reference's data-dependent chunk checks break the graph dozens of times per block.
 _cross_selective_scan = torch.compiler.disable(cross_selective_scan)
 
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm through `vssm.kernels.layer_norm` (Triton on CUDA: PyTorch's kernel is slow on many short
+    rows); the result is contiguous even for a strided (e.g. permuted channels-first) input."""
+
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+
+
 # the official LayerNorm2d is nn.LayerNorm over the channels, with its default eps
-_norm_layer = partial(nn.LayerNorm, eps=1e-5)
+_norm_layer = partial(LayerNorm, eps=1e-5)
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +161,10 @@ class SS2D(nn.Module):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
         x = _nchw(self.in_proj(x)).contiguous()  # the scan reads (B, D, H, W)
         x = self.act(self.dwconv(x))
-        y = _nhwc(self.scan(x))
+        y = _nhwc(self.scan(x))  # read in place by the norm
         # the scan output is float32; normalise it in the norm's dtype (float32 under autocast, like the
         # official "oflex" path), then continue in the activations' dtype
-        y = self.out_norm(y.to(self.out_norm.weight.dtype)).to(x.dtype)
+        y = self.out_norm(y.to(self.out_norm.weight.dtype), out_dtype=x.dtype)
         return self.out_proj(y)
 
 
