@@ -1,0 +1,230 @@
+"""mmseg / mmdet backbones over vssm's timm models: VMamba (four stages) and Vim (plain, made a pyramid).
+
+Both are thin: they hold the timm model (``self.model``, created by ``timm.create_model`` and pruned to the
+blocks the outputs need) and add only what dense prediction puts on top of it, as the official code does:
+VMamba a LayerNorm per output stage, Vim a ViTDet-style simple feature pyramid. ``init_cfg=dict(type=
+'Pretrained', checkpoint=...)`` reads official checkpoints (training snapshots, official key names) and
+vssm/timm state_dicts, local files or URLs, through the model's own checkpoint_filter_fn; a ``prefix``
+(e.g. 'backbone.') takes the backbone out of a whole detector/segmentor checkpoint.
+"""
+import math
+import os
+import timm
+import torch
+import torch.nn as nn
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
+
+from vssm.models import vim as _vim
+from vssm.models import vmamba as _vmamba
+from vssm.models._checkpoint import read_checkpoint, unwrap_state_dict
+
+__all__ = ["VMambaBackbone", "VimBackbone", "load_backbone_checkpoint"]
+
+
+def _check_out_indices(name, out_indices, num):
+    """out_indices as a tuple of non-negative ints in [0, num); negative ones count from the end."""
+    idx = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+    if not idx or any(not isinstance(i, int) or not -num <= i < num for i in idx):
+        raise ValueError(f"{name}: out_indices {tuple(idx)} outside the backbone's {num} "
+                         f"{'stages' if num <= 4 else 'blocks'} (valid: 0..{num - 1}, or -{num}..-1)")
+    idx = tuple(i % num for i in idx)
+    if list(idx) != sorted(set(idx)):
+        raise ValueError(f"{name}: out_indices must be increasing and distinct, got {tuple(out_indices)}")
+    return idx
+
+
+def _keys(keys, limit=10):
+    keys = sorted(keys)
+    return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
+
+
+def _local_file(filename):
+    if str(filename).startswith(("http://", "https://")):
+        from timm.models._hub import download_cached_file
+        return download_cached_file(str(filename), progress=True)
+    return os.fspath(filename)
+
+
+def load_backbone_checkpoint(backbone, filename, filter_fn, prefix=None):
+    """Load a checkpoint into a backbone adapter: the timm model's weights (official or vssm/timm names,
+    through filter_fn(state_dict, model)), strictly, plus any of the adapter's own layers the file has
+    (e.g. a whole segmentor checkpoint with ``prefix='backbone.'``). The classifier and the pruned blocks
+    are skipped. Missing or unexpected keys raise a RuntimeError naming them."""
+    path = _local_file(filename)
+    state = unwrap_state_dict(read_checkpoint(path))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise RuntimeError(f"{type(backbone).__name__}: no key of checkpoint {path} starts with {prefix!r}")
+    extra = set(backbone.state_dict()) - {k for k in backbone.state_dict() if k.startswith("model.")}
+    extra_state = {k: state.pop(k) for k in list(state) if k in extra}
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    model = backbone.model
+    state = filter_fn(state, model)
+    classifier = model.pretrained_cfg.get("classifier", "head") + "."
+    state = {k: v for k, v in state.items() if not (k.startswith(classifier) or k in backbone.pruned_keys)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{type(backbone).__name__}: checkpoint {path} does not match {backbone.model_name}: "
+                           f"missing keys {_keys(missing)}, unexpected keys {_keys(unexpected)}")
+    if extra_state:
+        backbone.load_state_dict(extra_state, strict=False)
+    print_log(f"{type(backbone).__name__}: loaded {len(state) + len(extra_state)} tensors from {path}",
+              logger="current")
+
+
+class _TimmBackbone(BaseModule):
+    """Shared parts: the pruned timm model, frozen stages, Pretrained init_cfg."""
+    filter_fn = None
+
+    def __init__(self, model_name, out_indices, frozen_stages, with_cp, init_cfg, **model_kwargs):
+        super().__init__(init_cfg=init_cfg)
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
+        self.out_indices = _check_out_indices(type(self).__name__, out_indices, self.num_stages)
+        full = set(self.model.state_dict())
+        self.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.pruned_keys = full - set(self.model.state_dict())  # in checkpoints, not in this backbone
+        if with_cp:
+            self.model.set_grad_checkpointing(True)
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f"{type(self).__name__}: frozen_stages must be in [-1, {self.num_stages}], "
+                             f"got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+
+    @property
+    def num_stages(self):
+        raise NotImplementedError
+
+    def frozen_modules(self):
+        """The modules (or parameters) that frozen_stages freezes."""
+        raise NotImplementedError
+
+    def _freeze(self):
+        for m in self.frozen_modules():
+            if isinstance(m, nn.Module):
+                m.eval()
+            for p in (m.parameters() if isinstance(m, nn.Module) else [m]):
+                p.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze()
+        return self
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
+            load_backbone_checkpoint(self, cfg["checkpoint"], type(self).filter_fn, cfg.get("prefix"))
+            self._is_init = True
+        else:  # the timm model initialised itself when it was built
+            super().init_weights()
+        self._freeze()
+
+
+class VMambaBackbone(_TimmBackbone):
+    """VMamba (vssm timm model ``model_name``) for mmseg/mmdet: the outputs of the stages in out_indices
+    (strides 4, 8, 16, 32; channels dims[i]), each normalised by its own LayerNorm2d as in the official
+    segmentation/detection backbone.
+
+    Args:
+        model_name: 'vmamba_tiny', 'vmamba_small' or 'vmamba_base'.
+        out_indices: stages to output.
+        frozen_stages: -1 none; 0 the stem; k the stem and the first k stages.
+        drop_path_rate: stochastic depth (official: 0.2 / 0.3 / 0.6 for T / S / B).
+        with_cp: gradient checkpointing.
+        init_cfg: ``dict(type='Pretrained', checkpoint=file or URL[, prefix=...])``.
+        **model_kwargs: more timm.create_model arguments (e.g. depths, dims for a reduced model).
+    """
+    filter_fn = staticmethod(_vmamba.checkpoint_filter_fn)
+
+    def __init__(self, model_name="vmamba_tiny", out_indices=(0, 1, 2, 3), frozen_stages=-1, drop_path_rate=0.2,
+                 with_cp=False, init_cfg=None, **model_kwargs):
+        super().__init__(model_name, out_indices, frozen_stages, with_cp, init_cfg,
+                         drop_path_rate=drop_path_rate, **model_kwargs)
+        self.channels = [self.model.feature_info[i]["num_chs"] for i in self.out_indices]
+        for i, c in zip(self.out_indices, self.channels):
+            self.add_module(f"outnorm{i}", LayerNorm2d(c, eps=1e-5))
+        self._freeze()
+
+    @property
+    def num_stages(self):
+        return len(self.model.feature_info)
+
+    def frozen_modules(self):
+        if self.frozen_stages < 0:
+            return []
+        mods = [self.model.stem] + [self.model.stages[i] for i in range(self.frozen_stages)]
+        return mods + [getattr(self, f"outnorm{i}") for i in self.out_indices if i < self.frozen_stages]
+
+    def forward(self, x):
+        feats = self.model.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
+                                                 intermediates_only=True)
+        return tuple(getattr(self, f"outnorm{i}")(f) for i, f in zip(self.out_indices, feats))
+
+
+class VimBackbone(_TimmBackbone):
+    """Vim (vssm timm model ``model_name``) for mmseg/mmdet: the residual stream after the blocks in
+    out_indices (the class token left out) as (B, D, H/s, W/s) maps at the patch stride s, turned into a
+    pyramid at strides 4, 8, 16, 32 as the official segmentation code does (ViTDet's simple pyramid:
+    transposed convs up, max-pool down; with one out index its map feeds all four levels).
+
+    Args:
+        model_name: e.g. 'vim_tiny_patch16_224', 'vim_small_patch16_224'.
+        img_size: the training crop size; the position embedding (also a pretrained one) is resampled to
+            it, and other sizes are resampled on the fly. Must fit the patching (multiple of the stride).
+        out_indices: blocks to output (1 or 4 of them).
+        norm_cfg: the norm between the two transposed convs of the stride-4 level.
+        frozen_stages: -1 none; 0 the patch/position embeddings and the class token; k those and the
+            first k blocks.
+        drop_path_rate: stochastic depth (0.1 in the official segmentation code).
+        with_cp: gradient checkpointing.
+        init_cfg: ``dict(type='Pretrained', checkpoint=file or URL[, prefix=...])``.
+        **model_kwargs: more timm.create_model arguments (e.g. depth, embed_dim for a reduced model).
+    """
+    filter_fn = staticmethod(_vim.checkpoint_filter_fn)
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, model_name="vim_tiny_patch16_224", img_size=512, out_indices=(5, 11, 17, 23),
+                 norm_cfg=dict(type="SyncBN", requires_grad=True), frozen_stages=-1, drop_path_rate=0.1,
+                 with_cp=False, init_cfg=None, **model_kwargs):
+        super().__init__(model_name, out_indices, frozen_stages, with_cp, init_cfg, img_size=img_size,
+                         drop_path_rate=drop_path_rate, **model_kwargs)
+        if len(self.out_indices) not in (1, len(self.strides)):
+            raise ValueError(f"VimBackbone: give 1 or {len(self.strides)} out_indices (one per pyramid level "
+                             f"at strides {self.strides}), got {self.out_indices}")
+        dim, stride = self.model.embed_dim, self.model.patch_embed.stride[0]
+        self.channels = [dim] * len(self.strides)
+        self.fpns = nn.ModuleList([self._resample(dim, stride / s, norm_cfg) for s in self.strides])
+
+    @staticmethod
+    def _resample(dim, scale, norm_cfg):
+        """Token map -> scale x its size: 2x transposed convs (norm + GELU between them) or max-pooling."""
+        if scale <= 1:
+            return nn.Identity() if scale == 1 else nn.MaxPool2d(round(1 / scale))
+        layers = []
+        for j in range(round(math.log2(scale))):
+            if j:
+                layers += [build_norm_layer(norm_cfg, dim)[1], nn.GELU()]
+            layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+        return nn.Sequential(*layers)
+
+    @property
+    def num_stages(self):
+        return len(self.model.layers)
+
+    def frozen_modules(self):
+        if self.frozen_stages < 0:
+            return []
+        m = self.model
+        return [m.patch_embed, m.pos_embed, m.cls_token] + [m.layers[i] for i in range(self.frozen_stages)]
+
+    def forward(self, x):
+        feats = self.model.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
+                                                 intermediates_only=True)
+        if len(feats) == 1:
+            feats = feats * len(self.fpns)
+        return tuple(fpn(f) for fpn, f in zip(self.fpns, feats))
