@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vssm.kernels import selective_scan
 
@@ -81,3 +82,25 @@ def test_flops_cli_matches_the_published_vmamba_tiny(tmp_path):
     assert abs(rows[0]["gflops"] - 4.9) < 0.05  # the official README's 4.9G (fvcore + the scan rule)
     assert rows[0]["params"] == 30_249_064
     assert json.loads((tmp_path / "f.json").read_text()) == rows
+
+
+def test_bench_diffusion_cli_on_cpu(tmp_path):
+    bench = load_tool("bench_diffusion")
+    rows = bench.main(["--models", "diffussm_tiny_8", "dit_s_2", "--device", "cpu", "--latent-size", "8",
+                       "--batch-size", "2", "--warmup", "0", "--iters", "1", "--json", str(tmp_path / "rows.json")])
+    assert [r["model"] for r in rows] == ["diffussm_tiny_8", "dit_s_2"]
+    assert all(r["samples_per_s"] > 0 and r["gflops"] > 0 for r in rows)
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_bench_diffusion_gflops_follow_dits_convention():
+    """DiT-S/2 at 256 (32x32 latents) has 6.06 GFLOPs in DiT's table 1; the DiffuSSM count includes its scans."""
+    bench = load_tool("bench_diffusion")
+    cpu = torch.device("cpu")
+    assert bench.gflops(bench.create("dit_s_2", 32, cpu).eval(), 32, cpu) == pytest.approx(6.06, abs=0.02)
+    model = bench.create("diffussm_tiny_8", 8, cpu).eval()
+    flops = load_tool("flops")
+    counter = FlopCounterMode(display=False, custom_mapping=flops._NORMS)  # the same count without the scans
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 1, 8, 8), torch.tensor([3]), torch.tensor([1]))
+    assert bench.gflops(model, 8, cpu) > counter.get_total_flops() / 2 / 1e9
