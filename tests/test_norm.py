@@ -26,12 +26,12 @@ def test_matches_torch_forward_and_gradients(shape, dtype, tol):
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = F.layer_norm(x64, (shape[-1],), w64, b64, 1e-5)
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
-    dy = torch.randn(shape, dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, w, b), dy.to(DEVICE, dtype))
+    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad(y, (x, w, b), dy.to(dtype))
     ref_grads = torch.autograd.grad(ref, (x64, w64, b64), dy)
     for name, g, r in zip("xwb", grads, ref_grads):
         assert g.dtype == dtype, name
-        assert (g.double().cpu() - r).norm() <= 4 * tol * r.norm(), name
+        assert (g.double() - r).norm() <= 4 * tol * r.norm(), name
 
 
 def test_backward_programs_walk_several_row_blocks():

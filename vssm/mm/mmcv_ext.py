@@ -33,6 +33,9 @@ def _roi_align(x, rois, aligned_height, aligned_width, spatial_scale, sampling_r
     if pool_mode != 1:
         raise NotImplementedError("vssm.mm.mmcv_ext: RoIAlign pool_mode='max' needs mmcv's compiled ops "
                                   "(build mmcv from source); pool_mode='avg' is supported")
+    if x.dtype == torch.bfloat16:  # torchvision's RoIAlign kernels (and mmcv's) have no bfloat16 version
+        return roi_align(x.float(), rois.float(), (aligned_height, aligned_width), spatial_scale, sampling_ratio,
+                         aligned).to(x.dtype)
     return roi_align(x, rois.to(x.dtype), (aligned_height, aligned_width), spatial_scale, sampling_ratio, aligned)
 
 
