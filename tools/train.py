@@ -36,6 +36,10 @@ def parse_args(argv=None):
 
 
 def build_config(args):
+    if args.amp:
+        from mmengine.device import get_device
+        if get_device() == "cpu":
+            raise SystemExit("--amp needs a GPU (mmengine's AmpOptimWrapper); train on CPU without it")
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options:
@@ -45,9 +49,6 @@ def build_config(args):
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.amp:
-        from mmengine.device import get_device
-        if get_device() == "cpu":
-            raise SystemExit("--amp needs a GPU (mmengine's AmpOptimWrapper); train on CPU without it")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
     if args.resume == "auto":

@@ -24,12 +24,12 @@ from vssm.models._checkpoint import read_checkpoint, unwrap_state_dict
 __all__ = ["VMambaBackbone", "VimBackbone", "load_backbone_checkpoint"]
 
 
-def _check_out_indices(name, out_indices, num):
+def _check_out_indices(name, out_indices, num, unit):
     """out_indices as a tuple of non-negative ints in [0, num); negative ones count from the end."""
     idx = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
     if not idx or any(not isinstance(i, int) or not -num <= i < num for i in idx):
-        raise ValueError(f"{name}: out_indices {tuple(idx)} outside the backbone's {num} "
-                         f"{'stages' if num <= 4 else 'blocks'} (valid: 0..{num - 1}, or -{num}..-1)")
+        raise ValueError(f"{name}: out_indices {tuple(idx)} outside the backbone's {num} {unit} "
+                         f"(valid: 0..{num - 1}, or -{num}..-1)")
     idx = tuple(i % num for i in idx)
     if list(idx) != sorted(set(idx)):
         raise ValueError(f"{name}: out_indices must be increasing and distinct, got {tuple(out_indices)}")
@@ -79,12 +79,13 @@ def load_backbone_checkpoint(backbone, filename, filter_fn, prefix=None):
 class _TimmBackbone(BaseModule):
     """Shared parts: the pruned timm model, frozen stages, Pretrained init_cfg."""
     filter_fn = None
+    unit = "stages"  # what out_indices and frozen_stages count
 
     def __init__(self, model_name, out_indices, frozen_stages, with_cp, init_cfg, **model_kwargs):
         super().__init__(init_cfg=init_cfg)
         self.model_name = model_name
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
-        self.out_indices = _check_out_indices(type(self).__name__, out_indices, self.num_stages)
+        self.out_indices = _check_out_indices(type(self).__name__, out_indices, self.num_stages, self.unit)
         full = set(self.model.state_dict())
         self.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
         self.pruned_keys = full - set(self.model.state_dict())  # in checkpoints, not in this backbone
@@ -186,6 +187,7 @@ class VimBackbone(_TimmBackbone):
         **model_kwargs: more timm.create_model arguments (e.g. depth, embed_dim for a reduced model).
     """
     filter_fn = staticmethod(_vim.checkpoint_filter_fn)
+    unit = "blocks"
     strides = (4, 8, 16, 32)
 
     def __init__(self, model_name="vim_tiny_patch16_224", img_size=512, out_indices=(5, 11, 17, 23),
