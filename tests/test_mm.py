@@ -217,12 +217,14 @@ def test_upernet_train_then_test(tmp_path):
              "model.test_cfg.crop_size=(48,48)", "model.test_cfg.stride=(32,32)"]
     evaluation = []
     for split in ("val", "test"):
-        evaluation += loader_options(f"{split}_dataloader", data) + [f"{split}_dataloader.dataset.pipeline.1.scale=(128,64)"]
+        evaluation += loader_options(f"{split}_dataloader", data)
+        evaluation.append(f"{split}_dataloader.dataset.pipeline.1.scale=(128,64)")
     train = loader_options("train_dataloader", data) + [
         "train_dataloader.dataset.pipeline.2.scale=(128,64)", "train_dataloader.dataset.pipeline.3.crop_size=(48,48)",
         "train_cfg.val_interval=4", "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
     options = model + evaluation + train
-    log = run_tool("tools/train.py", config, "--work-dir", str(work), "--cfg-options", *options, "train_cfg.max_iters=4")
+    log = run_tool("tools/train.py", config, "--work-dir", str(work), "--cfg-options", *options,
+                   "train_cfg.max_iters=4")
     assert "Iter(train) [4/4]" in log and "layer-wise lr decay 0.92" in log
     assert "Iter(val) [2/2]" in log and "mIoU" in log and (work / "iter_4.pth").is_file()
     # --resume: the Runner reads its own checkpoint back (torch >= 2.6 needs the weights-only override)
@@ -254,7 +256,8 @@ def test_mask_rcnn_train_then_test(tmp_path):
         evaluation += loader_options(f"{split}_dataloader", data, **dataset)
         evaluation += [f"{split}_dataloader.dataset.pipeline.1.scale=(128,96)", f"{split}_evaluator.ann_file={ann}"]
     train = loader_options("train_dataloader", data, **dataset) + [
-        "train_dataloader.dataset.pipeline.2.scale=(128,96)", "train_cfg.max_epochs=1", "default_hooks.logger.interval=1"]
+        "train_dataloader.dataset.pipeline.2.scale=(128,96)", "train_cfg.max_epochs=1",
+        "default_hooks.logger.interval=1"]
     log = run_tool("tools/train.py", config, "--work-dir", str(work), "--cfg-options", *model, *evaluation, *train)
     assert "Epoch(train) [1][2/2]" in log and "coco/bbox_mAP" in log and "coco/segm_mAP" in log
     checkpoint = work / "epoch_1.pth"
@@ -384,6 +387,7 @@ def test_checkpoint_with_wrong_keys_is_refused(tmp_path):
 
 def test_frozen_stages():
     model = build(dict(type="VMambaBackbone", frozen_stages=2, out_indices=(0, 1, 2, 3), **VMAMBA_SMALL), "mmdet")
+    assert not model.model.stem.conv1.weight.requires_grad  # already when built (the optimizer comes next)
     model.train()
     frozen = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad
               and n.startswith("model.")}
@@ -393,6 +397,7 @@ def test_frozen_stages():
     assert not model.outnorm1.weight.requires_grad and model.outnorm2.weight.requires_grad
     assert not model.model.stages[0].training and model.model.stages[2].training
     vim = build(dict(type="VimBackbone", img_size=64, frozen_stages=1, out_indices=(3,), **VIM_SMALL), "mmseg")
+    assert not vim.model.pos_embed.requires_grad
     vim.train()
     trainable = {n for n, p in vim.named_parameters() if p.requires_grad}
     assert "model.pos_embed" not in trainable and "model.cls_token" not in trainable

@@ -3,10 +3,11 @@
 # Optimizer as the official seg script (seg/scripts/ft_vim_small_upernet.sh): AdamW lr 1e-4, weight decay
 # 0.05, layer-wise lr decay 0.95; features: the residual stream after blocks 5/11/17/23, as there.
 _base_ = './upernet_vim-t_8xb2-160k_ade20k-512x512.py'
+pretrained = 'https://huggingface.co/hustvl/Vim-small-midclstok/resolve/main/vim_s_midclstok_80p5acc.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         model_name='vim_small_patch16_224',
-        init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/hustvl/Vim-small-midclstok/resolve/main/vim_s_midclstok_80p5acc.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[384, 384, 384, 384], channels=384),
     auxiliary_head=dict(in_channels=384))
 optim_wrapper = dict(optimizer=dict(lr=1e-4, weight_decay=0.05), paramwise_cfg=dict(decay_rate=0.95))

@@ -10,10 +10,11 @@ _base_ = [
     '../_base_/models/upernet_vim.py', '../_base_/datasets/ade20k.py',
     '../_base_/seg_runtime.py', '../_base_/schedules/schedule_160k.py'
 ]
+pretrained = 'https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         model_name='vim_tiny_patch16_224',
-        init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
 optim_wrapper = dict(
     constructor='LayerDecayOptimWrapperConstructor',
     optimizer=dict(lr=2e-4, weight_decay=0.1),

@@ -7,8 +7,9 @@ _base_ = [
     '../_base_/models/mask-rcnn_vmamba_fpn.py', '../_base_/datasets/coco_instance.py',
     '../_base_/det_runtime.py', '../_base_/schedules/schedule_1x.py'
 ]
+pretrained = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         model_name='vmamba_tiny',
         drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))

@@ -8,10 +8,11 @@ _base_ = [
     '../_base_/models/upernet_vmamba.py', '../_base_/datasets/ade20k.py',
     '../_base_/seg_runtime.py', '../_base_/schedules/schedule_160k.py'
 ]
+pretrained = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         model_name='vmamba_tiny',
         drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}))
 train_dataloader = dict(batch_size=2)

@@ -44,7 +44,7 @@ def _keys(keys, limit=10):
 def _local_file(filename):
     if str(filename).startswith(("http://", "https://")):
         from timm.models._hub import download_cached_file
-        return download_cached_file(str(filename), progress=True)
+        return download_cached_file(str(filename), check_hash=False, progress=True)
     return os.fspath(filename)
 
 
@@ -59,7 +59,7 @@ def load_backbone_checkpoint(backbone, filename, filter_fn, prefix=None):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise RuntimeError(f"{type(backbone).__name__}: no key of checkpoint {path} starts with {prefix!r}")
-    extra = set(backbone.state_dict()) - {k for k in backbone.state_dict() if k.startswith("model.")}
+    extra = {k for k in backbone.state_dict() if not k.startswith("model.")}  # the adapter's own layers
     extra_state = {k: state.pop(k) for k in list(state) if k in extra}
     state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
     model = backbone.model
@@ -158,7 +158,8 @@ class VMambaBackbone(_TimmBackbone):
     def frozen_modules(self):
         if self.frozen_stages < 0:
             return []
-        mods = [self.model.stem] + [self.model.stages[i] for i in range(self.frozen_stages)]
+        stages = self.model.stages[:self.frozen_stages]  # (pruned stages are gone)
+        mods = [self.model.stem, *stages]
         return mods + [getattr(self, f"outnorm{i}") for i in self.out_indices if i < self.frozen_stages]
 
     def forward(self, x):
@@ -201,6 +202,7 @@ class VimBackbone(_TimmBackbone):
         dim, stride = self.model.embed_dim, self.model.patch_embed.stride[0]
         self.channels = [dim] * len(self.strides)
         self.fpns = nn.ModuleList([self._resample(dim, stride / s, norm_cfg) for s in self.strides])
+        self._freeze()
 
     @staticmethod
     def _resample(dim, scale, norm_cfg):
@@ -222,7 +224,7 @@ class VimBackbone(_TimmBackbone):
         if self.frozen_stages < 0:
             return []
         m = self.model
-        return [m.patch_embed, m.pos_embed, m.cls_token] + [m.layers[i] for i in range(self.frozen_stages)]
+        return [m.patch_embed, m.pos_embed, m.cls_token, *m.layers[:self.frozen_stages]]
 
     def forward(self, x):
         feats = self.model.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
