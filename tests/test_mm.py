@@ -467,6 +467,26 @@ def test_mmcv_ext_stand_in_ops():
         sys.modules["mmcv._ext"].deform_conv_forward()
 
 
+def test_mmcv_ext_roi_align_in_bfloat16():
+    """bf16 features (Mask R-CNN under bf16 AMP): torchvision's kernels have no bf16 version, so the stand-in
+    pools in float32; forward and gradient equal the float32 ones to bf16 precision."""
+    from mmcv.ops import RoIAlign
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 8, 32, 32, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 4., 4., 60., 50.], [1, 10., 20., 100., 90.]])
+    op = RoIAlign((7, 7), spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    ref = op(feats, rois)
+    feats_bf16 = feats.detach().bfloat16().requires_grad_()
+    out = op(feats_bf16, rois)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    grad = torch.randn(ref.shape, generator=g)
+    (ref_grad,) = torch.autograd.grad(ref, feats, grad)
+    (bf16_grad,) = torch.autograd.grad(out, feats_bf16, grad.bfloat16())
+    assert bf16_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16_grad.float(), ref_grad, rtol=2e-2, atol=2e-2)
+
+
 def test_mmcv_ext_stand_in_steps_aside_for_a_compiled_one(monkeypatch):
     import importlib.machinery
     import importlib.util
