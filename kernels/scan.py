@@ -143,44 +143,33 @@ def _kernels(N, hw):
 
 
 class _TritonScan(torch.autograd.Function):
-    """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map. With ``keep_states``
-    (set by `_triton_scan` when a backward will follow) the chunked kernels' forward also writes the states
-    entering the backward's chunks, (batch, K * dim, L / 256, N) for N < 8, so the backward does not rerun the
-    forward to get them; the stepped kernels (N >= 8) recompute theirs (kept, they would be 1/16 of the
-    (batch, dim, L, N) states)."""
+    """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype, keep_states):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
         u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
         kernels = _kernels(A.shape[1], hw)
-        keep_states = keep_states and kernels.__name__.endswith("triton_scan")
-        out, last, states = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                                             out_dtype=out_dtype, write_last=True, write_chunk_states=keep_states)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        out, last, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
+                                        out_dtype=out_dtype, write_last=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.options = (kernels, delta_softplus, reverse, hw)
         ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         kernels, delta_softplus, reverse, hw = ctx.options
         if dout is None:
             dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
         if dlast is not None:
             dlast = dlast.float().contiguous()
         grads = kernels.scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
-                                 delta_softplus, reverse, hw, states=states)
+                                 delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
-                None, None, None, None, None)
-
-
-def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    keep_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _TritonScan.apply(*tensors, delta_softplus, reverse, hw, out_dtype, keep_states)
+                None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +225,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if scan_backend(u.device, u.dtype, backend) == "torch":
         return selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state,
                                   reverse)
-    y, last = _triton_scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
+    y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
     return (y, last) if return_last_state else y
 
 
@@ -263,9 +252,9 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
         return cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
     batch, dim, H, W = x.shape
     L = H * W
-    y, _ = _triton_scan(x.reshape(batch, dim, L), delta.reshape(batch, 4 * dim, L), A,
-                        B.reshape(batch, 4, -1, L), C.reshape(batch, 4, -1, L), D, None, delta_bias,
-                        delta_softplus, False, (H, W), torch.float32)
+    y, _ = _TritonScan.apply(x.reshape(batch, dim, L), delta.reshape(batch, 4 * dim, L), A,
+                             B.reshape(batch, 4, -1, L), C.reshape(batch, 4, -1, L), D, None, delta_bias,
+                             delta_softplus, False, (H, W), torch.float32)
     return y.view(batch, dim, H, W)
 
 

@@ -279,16 +279,14 @@ def _geometry(u, delta, B, hw):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
-             write_last=False, write_chunk_states=False, write_out=True):
+             write_last=False, write_chunk_states=False):
     """Launch the forward kernel. ``hw=(H, W)`` selects the four-direction cross-scan over an H x W map.
-    With ``write_chunk_states`` it also writes the states entering the backward's chunks (its chunks are then
-    the backward's length), which `scan_bwd` takes instead of recomputing them."""
+    With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     batch, dim, L, K, G, N, H, W = _geometry(u, delta, B, hw)
-    cfg = _config(dim, N, L, K * dim // G)
-    if write_chunk_states:
-        cfg["BLOCK_L"] = _config(dim, N, L, K * dim // G, backward=True)["BLOCK_L"]
+    cfg = _config(dim, N, L, K * dim // G, backward=write_chunk_states)
     n_chunks = triton.cdiv(L, cfg["BLOCK_L"])
-    out = torch.empty(batch, dim, L, device=u.device, dtype=out_dtype or u.dtype) if write_out else None
+    out = torch.empty(batch, dim, L, device=u.device, dtype=out_dtype or u.dtype) if not write_chunk_states \
+        else None
     last = torch.empty(batch, K * dim, N, device=u.device, dtype=torch.float32) if write_last else None
     states = torch.empty(batch, K * dim, n_chunks, N, device=u.device, dtype=torch.float32) \
         if write_chunk_states else None
@@ -302,14 +300,12 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     return out, last, states
 
 
-def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, states=None):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), from the chunk states that the forward wrote
-    (``states``), or recomputed first."""
+def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); recomputes the chunk states first."""
     batch, dim, L, K, G, N, H, W = _geometry(u, delta, B, hw)
     cfg = _config(dim, N, L, K * dim // G, backward=True)
-    if states is None:
-        _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                                write_chunk_states=True, write_out=False)
+    _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
+                            write_chunk_states=True)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(u.shape, device=u.device, dtype=torch.float32 if K > 1 else u.dtype)
     ddelta = torch.empty_like(delta)

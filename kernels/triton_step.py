@@ -258,14 +258,12 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     return out, last, states
 
 
-def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, states=None):
+def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
     cfg = _config(dim, N, dim // G, backward=True)
-    if states is None:
-        _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-                                write_chunk_states=True)
+    _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     scratch = torch.empty(batch * grid[1] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], device=u.device,
                           dtype=torch.float32)
