@@ -13,16 +13,22 @@ log-decay)
     h_t = exp(S_t) * (h_0 + sum_{s <= t} exp(-S_s) * dt_s * B_s * u_s)
 
 which is a handful of vectorised cumsum/exp ops over (batch, dim, N, T) instead of T Python steps. It is
-computed in float64; a chunk whose log-decay spans more than ``_MAX_LOG_RANGE`` (where exp would leave
-float64's range) is halved until it fits, down to single steps, so the result is exact for every input.
+computed in float64 for float64 inputs and in float32 otherwise (like mamba_ssm's reference; the state is
+float32 in the kernels too); a chunk whose log-decay spans more than ``_MAX_LOG_RANGE`` (where exp(-S) times
+the summed inputs would leave the dtype's range) is halved until it fits, down to single steps, so the
+result is exact for every input. Chunks are short enough that one (batch, dim, N, T) tensor stays under
+``_CHUNK_BYTES``: glibc serves larger blocks as fresh mmap pages on every allocation, and their page faults
+cost the CPU more than the arithmetic (3x on a DiffuSSM training step).
 """
 import torch
 import torch.nn.functional as F
 
 __all__ = ["selective_scan_ref", "cross_scan_ref", "cross_merge_ref", "cross_selective_scan_ref"]
 
-_CHUNK = 64
-_MAX_LOG_RANGE = 600.0  # exp(600) ~ 1e260: exp(+-S) and its cumsum stay inside float64's range
+_CHUNK = 64  # the longest chunk
+_CHUNK_BYTES = 8 << 20
+# exp(600) ~ 1e260, exp(60) ~ 1e26: exp(-S) times inputs and their cumsum stay inside the dtype's range
+_MAX_LOG_RANGE = {torch.float64: 600.0, torch.float32: 60.0}
 
 
 def _scan_chunk(h, log_a, bu):
@@ -30,7 +36,7 @@ def _scan_chunk(h, log_a, bu):
     the chunk where its log-decay leaves float64's exp range, and steps where one position does."""
     T = log_a.shape[-1]
     S = log_a.cumsum(-1)
-    if S.abs().amax() <= _MAX_LOG_RANGE:
+    if S.abs().amax() <= _MAX_LOG_RANGE[S.dtype]:
         return S.exp() * (h[..., None] + (bu * (-S).exp()).cumsum(-1))  # no division: its gradient overflows
     if T == 1:
         return (log_a.exp() * h[..., None] + bu)
@@ -42,37 +48,40 @@ def _scan_chunk(h, log_a, bu):
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, reverse=False):
     """Reference scan on validated inputs; B and C are grouped (batch, G, N, L). See `selective_scan`."""
-    f64 = torch.float64
+    f = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
-    u64 = u.to(f64)
-    dt = delta.to(f64)
+    u_f = u.to(f)
+    dt = delta.to(f)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(f64)[:, None]
+        dt = dt + delta_bias.to(f)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
     # channels as (G, dim // G) so that B and C broadcast over a group's channels without copies
-    A5 = A.to(f64).view(1, G, dim // G, N, 1)
+    A5 = A.to(f).view(1, G, dim // G, N, 1)
     dt5 = dt.view(batch, G, dim // G, 1, L)
-    bu5 = (dt * u64).view(batch, G, dim // G, 1, L) * B.to(f64)[:, :, None]
-    C5 = C.to(f64)[:, :, None]
+    dtu5 = (dt * u_f).view(batch, G, dim // G, 1, L)
+    B5, C5 = B.to(f)[:, :, None], C.to(f)[:, :, None]
     if reverse:
-        dt5, bu5, C5 = dt5.flip(-1), bu5.flip(-1), C5.flip(-1)
+        dt5, dtu5, B5, C5 = dt5.flip(-1), dtu5.flip(-1), B5.flip(-1), C5.flip(-1)
 
-    h = u64.new_zeros(batch, G, dim // G, N)
+    h = u_f.new_zeros(batch, G, dim // G, N)
+    T = _CHUNK
+    while T > 8 and batch * dim * N * T * h.element_size() > _CHUNK_BYTES:
+        T //= 2
     ys = []
-    for s in range(0, L, _CHUNK):
-        hs = _scan_chunk(h, dt5[..., s:s + _CHUNK] * A5, bu5[..., s:s + _CHUNK])
+    for s in range(0, L, T):
+        hs = _scan_chunk(h, dt5[..., s:s + T] * A5, dtu5[..., s:s + T] * B5[..., s:s + T])
         h = hs[..., -1]
-        ys.append((hs * C5[..., s:s + _CHUNK]).sum(-2))
+        ys.append((hs * C5[..., s:s + T]).sum(-2))
     h = h.reshape(batch, dim, N)
     y = torch.cat(ys, -1).reshape(batch, dim, L)
     if reverse:
         y = y.flip(-1)
     if D is not None:
-        y = y + D.to(f64)[:, None] * u64
+        y = y + D.to(f)[:, None] * u_f
     if z is not None:
-        y = y * F.silu(z.to(f64))
+        y = y * F.silu(z.to(f))
     y = y.to(u.dtype)
     return (y, h.float()) if return_last_state else y
 

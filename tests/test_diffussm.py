@@ -195,8 +195,27 @@ def test_tiny_config():
     assert model.y_embedder.embedding_table.num_embeddings == 11  # 10 digits + the null class
 
 
+def test_position_embedding_marks_where_a_token_is():
+    """DiT's fixed sin-cos embedding of the token grid: with no blocks, the same pixel pair gives different
+    outputs at different places, exactly by the embedding's difference passed through the final layer."""
+    model = randomize(tiny(depth=0), seed=3).eval()
+    x = torch.zeros(1, model.in_chans, 8, 8)
+    x[..., 0, 0:2] = x[..., 5, 4:6] = torch.tensor([0.5, -1.0])
+    t, y = torch.tensor([100]), torch.tensor([3])
+    out = model(x, t, y)
+    assert not torch.allclose(out[..., 0, 0:2], out[..., 5, 4:6])
+    from timm.layers import build_sincos2d_pos_embed
+    pos = build_sincos2d_pos_embed([8, 4], model.hidden_size)  # token grid: 8 rows of 4 pixel pairs
+    c = model.condition(t, y)
+    tokens = model.x_embedder(x.permute(0, 2, 3, 1).reshape(1, 32, -1)) + pos
+    expect = model.final_layer(tokens, c).reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    assert torch.allclose(out, expect, atol=1e-6)
+    assert not any("pos" in name for name, _ in model.named_parameters())
+
+
 def test_other_sizes_run():
-    """No position embedding: any height, and any width that is a multiple of M."""
+    """The position embedding is built for the input's grid: any height, and any width that is a multiple
+    of M."""
     model = tiny()
     for size in [(8, 8), (3, 10), (5, 2)]:
         x, t, y = inputs(model, size=size)

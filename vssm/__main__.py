@@ -2,6 +2,7 @@
 
     vssm info [--device cuda|cpu] [--quick]
     vssm demo [--models vim vmamba] [--epochs N] [--batch-size B] [--device cuda|cpu] [--out DIR]
+    vssm diffusion-demo [--steps N] [--batch-size B] [--cfg-scale S] [--device cuda|cpu] [--out DIR]
 
 `info` (also what `vssm` with no subcommand runs, with the same options) prints versions, the device,
 which scan backend runs there, and checks the scan on random inputs against a float64 per-position loop
@@ -9,8 +10,10 @@ which scan backend runs there, and checks the scan on random inputs against a fl
 PyTorch reference. Exits with status 1 when a check fails.
 
 `demo` trains a small Vim and a small VMamba on scikit-learn's handwritten digits and exits with status 1
-when a model ends below the accuracy bound (see `vssm.demo`). It needs the demo extra:
-pip install 'vssm[demo]'.
+when a model ends below the accuracy bound (see `vssm.demo`). `diffusion-demo` trains a small DiffuSSM on
+the same digits and exits with status 1 when a digit classifier does not recognise enough of its samples
+(see `vssm.diffusion_demo`). Both need the demo extra, pip install 'vssm[demo]'; the diffusion demo also
+needs diffusers (pip install 'vssm[diffusion]').
 """
 import argparse
 import platform
@@ -133,9 +136,27 @@ def _demo(args):
     return 0 if passed else 1
 
 
+def _diffusion_demo(args):
+    from . import demo, diffusion_demo
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("error: vssm diffusion-demo needs diffusers: pip install 'vssm[diffusion]'", file=sys.stderr)
+        return 2
+    try:
+        _, passed = diffusion_demo.run(steps=args.steps, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
+                                       device=args.device, out=args.out, min_acc=args.min_acc, seed=args.seed,
+                                       progress=not args.no_progress)
+    except demo.MissingExtras as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if passed else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="vssm", description="vssm command line (no subcommand: info)")
-    sub = parser.add_subparsers(dest="command", metavar="{info,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,demo,diffusion-demo}")
     p_info = sub.add_parser("info", help="environment and selective-scan self-check (the default)",
                             description="Environment and selective-scan self-check; exit status 1 if it fails.")
     for p in (parser, p_info):
@@ -156,11 +177,28 @@ def main(argv=None):
                         help="final test accuracy every model must reach, as a fraction (default: 0.95)")
     p_demo.add_argument("--seed", type=int, default=0, help="seed of the split, weights and batches (default: 0)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_diff = sub.add_parser(
+        "diffusion-demo", help="train a small DiffuSSM on scikit-learn's digits and judge its samples",
+        description="Train a small class-conditional DiffuSSM on scikit-learn's 8x8 digits in pixel space, "
+                    "sample every class with classifier-free guidance, and let a classifier trained on the "
+                    "real digits name the samples; plot them and the loss to OUT/diffusion-demo.png. Exit "
+                    "status 1 if fewer than --min-acc of the samples are recognised or the loss did not fall. "
+                    "Needs pip install 'vssm[demo,diffusion]'.")
+    p_diff.add_argument("--steps", type=_positive, default=800, help="training steps (default: 800)")
+    p_diff.add_argument("--batch-size", type=_positive, default=64, help="batch size (default: 64)")
+    p_diff.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
+    p_diff.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p_diff.add_argument("--out", default="vssm-demo", help="output folder (default: ./vssm-demo)")
+    p_diff.add_argument("--min-acc", type=float, default=0.8,
+                        help="fraction of the samples the classifier must recognise (default: 0.8)")
+    p_diff.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p_diff.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    device = _device({"info": p_info, "demo": p_demo}.get(args.command, parser), args.device)
-    if args.command == "demo":
+    device = _device({"info": p_info, "demo": p_demo, "diffusion-demo": p_diff}.get(args.command, parser),
+                     args.device)
+    if args.command in ("demo", "diffusion-demo"):
         args.device = device
-        sys.exit(_demo(args))
+        sys.exit(_demo(args) if args.command == "demo" else _diffusion_demo(args))
     sys.exit(0 if info(device, args.quick) else 1)
 
 
