@@ -108,7 +108,8 @@ def test_loss_terms():
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     t = torch.tensor([5, 100, 500, 999])
     noise = torch.randn_like(x0)
-    betas, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
+    betas = scheduler.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
     for v in (-1.0, 1.0):
         oracle = Oracle(x0[:1].expand(4, -1, -1, -1).contiguous(), v=v)
         terms = diffusion_loss(lambda x, tt, y: oracle(x, tt, torch.zeros(4, dtype=torch.long)), x0[:1].expand(4, -1, -1, -1),
@@ -132,7 +133,7 @@ def test_loss_at_t0_is_the_decoder_likelihood():
                           noise=noise)["vb"]
     betas = scheduler.betas.double()
     # at t = 0 the posterior log-variance is clipped to the t = 1 one; v = 0 is the mean of the two logs
-    abar = scheduler.alphas_cumprod.double()
+    abar = torch.cumprod(1 - betas, 0)
     post1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
     std = math.exp(0.5 * (0.5 * math.log(betas[0]) + 0.5 * math.log(post1)))
     normal = torch.distributions.Normal(0.0, std)
@@ -310,8 +311,11 @@ def test_fid_offline_with_local_inception_weights(tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # build the network without weights to save random ones
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, **kw: None)
         torch.manual_seed(0)
-        torch.save(FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                               feature_extractor_weights_path=str(weights)).state_dict(), weights)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+        for m_ in net.modules():  # He init keeps the activations' scale through the 90-odd layers
+            if isinstance(m_, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m_.weight, nonlinearity="relu")
+        torch.save(net.state_dict(), weights)
     g = np.random.default_rng(0)
     a = g.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) // 2 + 100, 0, 255).astype(np.uint8)
@@ -337,8 +341,9 @@ def test_fid_input_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "missing"), str(tmp_path / "ok.npz")])
     assert "not a folder of images or an .npz file" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="must be uint8"):
+    with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "f.npz"), str(tmp_path / "ok.npz")])
+    assert "images must be uint8 in [0, 255], got float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fid.main([str(tmp_path / "ok.npz"), str(tmp_path / "ok.npz"), "--inception-weights", str(tmp_path / "nope")])
     assert "--inception-weights" in capsys.readouterr().err

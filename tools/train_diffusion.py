@@ -135,7 +135,10 @@ def epoch_indices(n, epoch, seed, rank, world, batch):
 def create_logger(results_dir, rank):
     logger = logging.getLogger("train_diffusion")
     logger.setLevel(logging.INFO)
-    if rank == 0 and not logger.handlers:
+    for handler in list(logger.handlers):  # a previous run in this process wrote to its own results dir
+        logger.removeHandler(handler)
+        handler.close()
+    if rank == 0:
         fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(results_dir / "log.txt")):
             handler.setFormatter(fmt)

@@ -59,7 +59,7 @@ def _vlb_bits(scheduler, x0, x_t, t, eps, v):
     x_0) || p(x_{t-1} | x_t)) for t > 0 and the decoder's -log p(x_0 | x_1) on 256 bins of [-1, 1] for
     t = 0, where p has the mean given by eps and the log-variance interpolated by v (improved DDPM, eq. 15)."""
     betas = scheduler.betas.double()
-    abar = scheduler.alphas_cumprod.double()
+    abar = torch.cumprod(1 - betas, 0)  # in float64 as DiT: diffusers' float32 table has 1 - abar_0 off by 2e-4
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     post_var = betas * (1 - abar_prev) / (1 - abar)
     post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # clipped: the t = 0 entry is 0
