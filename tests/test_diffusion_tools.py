@@ -275,6 +275,80 @@ def test_train_argument_errors(tmp_path, capsys):
         train.main(["--data-path", str(data), "--results-dir", str(tmp_path / "r"), "--steps", "1", *TRAIN_ARGS])
 
 
+@pytest.fixture
+def tiny_vae(monkeypatch):
+    """diffusers' AutoencoderKL at a tiny width (still 8x downsampling, 4 latent channels) in place of the
+    hub's sd-vae-ft-*: records the ids asked for."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    asked = []
+
+    def from_pretrained(cls, name, **kwargs):
+        asked.append(name)
+        return vae
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(from_pretrained))
+    return vae, asked
+
+
+def test_latent_space_through_the_vae(tiny_vae, tmp_path):
+    """ImageFolder -> latents on the fly (--vae ema), --extract-latents then training on the file, and
+    samples decoded back to images by the run's VAE."""
+    vae, asked = tiny_vae
+    train, sampler = load_tool("train_diffusion"), load_tool("sample_diffusion")
+    data = image_folder(tmp_path / "data", size=16)
+    args = [a for a in TRAIN_ARGS if a not in ("--vae", "none", "--image-size", "8")] + ["--image-size", "16"]
+    train.main(["--data-path", str(data), "--results-dir", str(tmp_path / "online"), "--steps", "2", "--vae", "ema",
+                *args])
+    ckpt = torch.load(tmp_path / "online" / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["config"]["space"] == "latent" and ckpt["config"]["vae"] == "ema"
+    assert ckpt["config"]["model_kwargs"]["input_size"] == (2, 2) and ckpt["config"]["model_kwargs"]["in_chans"] == 4
+
+    train.main(["--data-path", str(data), "--image-size", "16", "--vae", "mse", "--extract-latents",
+                str(tmp_path / "lat.npz"), "--global-batch-size", "5", "--num-workers", "0", "--device", "cpu"])
+    with np.load(tmp_path / "lat.npz") as f:
+        assert f["latents"].shape == (12, 4, 2, 2) and f["labels"].tolist() == [0] * 6 + [1] * 6
+        assert f["classes"].tolist() == ["class0", "class1"]
+        latents = torch.from_numpy(f["latents"]).float()
+    # one posterior sample x 0.18215 of the centre-cropped image in [-1, 1], as DiT's extract step
+    first = train.image_folder(str(data), 16)[0][0]
+    with torch.no_grad():
+        posterior = vae.encode(first[None]).latent_dist
+    z = (latents[0] / 0.18215 - posterior.mean[0]) / posterior.std[0]
+    assert z.abs().max() < 6  # a draw from the posterior, stored in float16
+    train.main(["--data-path", str(tmp_path / "lat.npz"), "--results-dir", str(tmp_path / "offline"), "--steps", "2",
+                *[a for a in args if a != "--vae"]])
+
+    sampler.main(["--ckpt", str(tmp_path / "online" / "checkpoints" / "0000002.pt"), "--steps", "2", "--cfg-scale", "1",
+                  "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"), "--device", "cpu"])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 16, 16, 3)
+    assert asked == ["stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema"]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """torchrun with 2 processes (gloo on the CPU): each trains on its slice, the logged loss is averaged over
+    the ranks, rank 0 saves."""
+    import subprocess
+    import sys
+    from test_tools import ROOT
+
+    data = image_folder(tmp_path / "data", per_class=8)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tools" / "train_diffusion.py"), "--data-path", str(data), "--results-dir", str(tmp_path / "r"),
+           "--steps", "3", *TRAIN_ARGS]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                                "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert "2 process(es) x batch 2" in log and len(re.findall(r"step \d+\s+loss", log)) == 3
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert ckpt["step"] == 3 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
 def test_sample_writes_grid_and_npz(trained, tmp_path, capsys):
     sampler = load_tool("sample_diffusion")
     ckpt = trained / "straight" / "checkpoints" / "0000004.pt"

@@ -19,7 +19,7 @@ import torch
 
 import vssm.mm  # noqa: F401  (the stand-in for mmcv._ext, then the registrations)
 from vssm.mm.mmcv_ext import install, is_stand_in
-from vssm.models.vim import resample_pos_embed
+from vssm.models.vim import _split_middle, resample_pos_embed
 
 import mmdet.models  # noqa: F401,E402
 import mmseg.models  # noqa: F401,E402
@@ -352,14 +352,26 @@ def test_vim_official_checkpoint_resampled_to_the_crop(tmp_path):
     torch.testing.assert_close(model.model.pos_embed, resample_pos_embed(src.pos_embed, (4, 4)))
     img = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = src.forward_intermediates(img, indices=4, intermediates_only=True)
-        feats = model.model.forward_intermediates(img, indices=4, intermediates_only=True)
-        for f, r in zip(feats, ref):
-            torch.testing.assert_close(f, r)
         outs = model(img)
+        # the official segmentation backbone: patch tokens + their position rows (no class token), the
+        # output of each block's mixer (not the residual stream) as the feature
+        tokens, grid = src.patch_embed(img)
+        pos, _ = _split_middle(resample_pos_embed(src.pos_embed, grid))
+        hidden, residual, ref, stream = tokens + pos, None, [], []
+        for layer in src.layers:
+            hidden, residual = layer(hidden, residual)
+            ref.append(hidden.transpose(1, 2).reshape(2, 32, 4, 4))
+            stream.append((residual + hidden).transpose(1, 2).reshape(2, 32, 4, 4))
+        outs_residual = init_from(dict(cfg, feature="residual"), path)(img)
     assert [tuple(o.shape) for o in outs] == [(2, 32, 16, 16), (2, 32, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2)]
     torch.testing.assert_close(outs[2], ref[2])  # stride 16: the block-2 map itself
     torch.testing.assert_close(outs[3], torch.nn.functional.max_pool2d(ref[3], 2))
+    # feature='residual' (the official Vim-S recipe): the residual stream after the block
+    torch.testing.assert_close(outs_residual[2], stream[2])
+    torch.testing.assert_close(outs_residual[3], torch.nn.functional.max_pool2d(stream[3], 2))
+    assert not torch.allclose(ref[2], stream[2])
+    with pytest.raises(ValueError, match="VimBackbone: feature must be 'mixer' or 'residual', got 'norm'"):
+        build(dict(cfg, feature="norm"), "mmseg")
     # the timm / safetensors format
     from safetensors.torch import save_file
     save_file(src.state_dict(), str(tmp_path / "vim.safetensors"))

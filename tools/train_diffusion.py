@@ -85,8 +85,8 @@ def load_latents(path):
     """Pre-extracted latents (.npz or .pt with "latents" and "labels") as a TensorDataset and class count."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as f:
-            data = {k: torch.from_numpy(f[k]) for k in f.files}
+        with np.load(path) as f:  # "classes" (names, strings) stays behind
+            data = {k: torch.from_numpy(f[k]) for k in f.files if k in ("latents", "labels", "num_classes")}
     elif path.suffix == ".pt":
         data = torch.load(path, map_location="cpu", weights_only=True)
     else:

@@ -1,12 +1,15 @@
 # UperNet + Vim-S on ADE20K, 512x512 crops, 160k iterations of 16 images, sliding-window testing.
 # Official result (Vim paper): mIoU 44.9 (single-scale).
 # Optimizer as the official seg script (seg/scripts/ft_vim_small_upernet.sh): AdamW lr 1e-4, weight decay
-# 0.05, layer-wise lr decay 0.95; features: the residual stream after blocks 5/11/17/23, as there.
+# 0.05, layer-wise lr decay 0.95; features: the residual stream after blocks 5/11/17/23, as there
+# (use_residual_as_feature=True, last_layer_process='add'); no class token in the sequence. The official
+# config also turns on RoPE, which the released classification checkpoints do not have: not here.
 _base_ = './upernet_vim-t_8xb2-160k_ade20k-512x512.py'
 pretrained = 'https://huggingface.co/hustvl/Vim-small-midclstok/resolve/main/vim_s_midclstok_80p5acc.pth'  # noqa: E501
 model = dict(
     backbone=dict(
         model_name='vim_small_patch16_224',
+        feature='residual',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[384, 384, 384, 384], channels=384),
     auxiliary_head=dict(in_channels=384))

@@ -3,9 +3,8 @@
 # Official result (Vim paper, Table "semantic segmentation on ADE20K val"): mIoU 41.0 (single-scale).
 # Schedule as the paper reports it (160k iterations, 16 images, 1500 warm-up iterations, linear decay);
 # optimizer as the official seg scripts (hustvl/Vim seg/scripts/ft_vim_tiny_upernet.sh): AdamW lr 2e-4,
-# weight decay 0.1, layer-wise lr decay 0.92 over the 24 blocks. Differences from the official code: the
-# features are the residual stream after blocks 5/11/17/23 (the official Vim-S recipe; its Vim-T run took
-# the blocks' mixer outputs) and the class token stays in the sequence as in pretraining.
+# weight decay 0.1, layer-wise lr decay 0.92 over the 24 blocks. Backbone as the official seg code runs it:
+# no class token in the sequence, features = the mixer outputs of blocks 5/11/17/23.
 _base_ = [
     '../_base_/models/upernet_vim.py', '../_base_/datasets/ade20k.py',
     '../_base_/seg_runtime.py', '../_base_/schedules/schedule_160k.py'
@@ -14,6 +13,7 @@ pretrained = 'https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_
 model = dict(
     backbone=dict(
         model_name='vim_tiny_patch16_224',
+        feature='mixer',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
 optim_wrapper = dict(
     constructor='LayerDecayOptimWrapperConstructor',

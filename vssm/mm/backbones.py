@@ -16,6 +16,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
+from torch.utils.checkpoint import checkpoint
 
 from vssm.models import vim as _vim
 from vssm.models import vmamba as _vmamba
@@ -169,16 +170,20 @@ class VMambaBackbone(_TimmBackbone):
 
 
 class VimBackbone(_TimmBackbone):
-    """Vim (vssm timm model ``model_name``) for mmseg/mmdet: the residual stream after the blocks in
-    out_indices (the class token left out) as (B, D, H/s, W/s) maps at the patch stride s, turned into a
-    pyramid at strides 4, 8, 16, 32 as the official segmentation code does (ViTDet's simple pyramid:
-    transposed convs up, max-pool down; with one out index its map feeds all four levels).
+    """Vim (vssm timm model ``model_name``) for mmseg/mmdet, as the official segmentation code
+    (hustvl/Vim seg/backbone/vim.py, ``VisionMambaSeg``) runs it: the patch tokens with their position
+    embedding and no class token; the features of the blocks in out_indices, unnormalised, as (B, D, H/s,
+    W/s) maps at the patch stride s, turned into a pyramid at strides 4, 8, 16, 32 (ViTDet's simple
+    pyramid: transposed convs up, max-pool down; with one out index its map feeds all four levels).
 
     Args:
         model_name: e.g. 'vim_tiny_patch16_224', 'vim_small_patch16_224'.
         img_size: the training crop size; the position embedding (also a pretrained one) is resampled to
             it, and other sizes are resampled on the fly. Must fit the patching (multiple of the stride).
         out_indices: blocks to output (1 or 4 of them).
+        feature: 'mixer', the output of each block's mixer (the branch it adds; the official Vim-T run), or
+            'residual', the residual stream after the block (the official Vim-S run's
+            ``use_residual_as_feature=True, last_layer_process='add'``).
         norm_cfg: the norm between the two transposed convs of the stride-4 level.
         frozen_stages: -1 none; 0 the patch/position embeddings and the class token; k those and the
             first k blocks.
@@ -192,8 +197,11 @@ class VimBackbone(_TimmBackbone):
     strides = (4, 8, 16, 32)
 
     def __init__(self, model_name="vim_tiny_patch16_224", img_size=512, out_indices=(5, 11, 17, 23),
-                 norm_cfg=dict(type="SyncBN", requires_grad=True), frozen_stages=-1, drop_path_rate=0.1,
-                 with_cp=False, init_cfg=None, **model_kwargs):
+                 feature="mixer", norm_cfg=dict(type="SyncBN", requires_grad=True), frozen_stages=-1,
+                 drop_path_rate=0.1, with_cp=False, init_cfg=None, **model_kwargs):
+        if feature not in ("mixer", "residual"):
+            raise ValueError(f"VimBackbone: feature must be 'mixer' or 'residual', got {feature!r}")
+        self.feature = feature
         super().__init__(model_name, out_indices, frozen_stages, with_cp, init_cfg, img_size=img_size,
                          drop_path_rate=drop_path_rate, **model_kwargs)
         if len(self.out_indices) not in (1, len(self.strides)):
@@ -227,8 +235,19 @@ class VimBackbone(_TimmBackbone):
         return [m.patch_embed, m.pos_embed, m.cls_token, *m.layers[:self.frozen_stages]]
 
     def forward(self, x):
-        feats = self.model.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
-                                                 intermediates_only=True)
+        m = self.model
+        tokens, (h, w) = m.patch_embed(x)
+        pos_embed, _ = _vim._split_middle(_vim.resample_pos_embed(m.pos_embed, (h, w), m.patch_embed.grid_size))
+        hidden, residual, taken = m.pos_drop(tokens + pos_embed), None, {}
+        for i, layer in enumerate(m.layers):
+            if m.grad_checkpointing:
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
+            if i in self.out_indices:
+                f = hidden if self.feature == "mixer" else (residual + hidden.float()).to(hidden.dtype)
+                taken[i] = f.transpose(1, 2).reshape(len(x), -1, h, w)
+        feats = [taken[i] for i in self.out_indices]
         if len(feats) == 1:
             feats = feats * len(self.fpns)
         return tuple(fpn(f) for fpn, f in zip(self.fpns, feats))
