@@ -451,3 +451,14 @@ def test_diffusion_demo_learns_the_digits(tmp_path):
     assert last < 0.7 * first, text
     assert float(re.search(r"judge: SVC on the real digits, ([\d.]+)%", text)[1]) > 95
     assert (tmp_path / "diffusion-demo.png").stat().st_size > 10_000
+
+
+def test_diffusion_demo_fails_when_the_model_has_not_learned(tmp_path):
+    """The bound is not reachable without learning: after 2 steps the samples are noise to the judge."""
+    pytest.importorskip("sklearn")
+    from vssm import diffusion_demo
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        result, passed = diffusion_demo.run(steps=2, samples_per_class=3, sample_steps=10, out=tmp_path,
+                                            progress=False)
+    assert not passed and result.recognised < 0.5 and len(result.samples) == 30

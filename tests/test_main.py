@@ -37,4 +37,5 @@ def test_no_subcommand_runs_the_self_check(capsys):
 
 def test_help_lists_the_subcommands(capsys):
     code, out = run(capsys, "--help")
-    assert code == 0 and "{info,demo}" in out and "demo" in out.split("{info,demo}", 1)[1]
+    menu = "{info,demo,diffusion-demo}"
+    assert code == 0 and menu in out and "diffusion-demo" in out.split(menu, 1)[1]
