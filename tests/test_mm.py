@@ -379,6 +379,43 @@ def test_vim_official_checkpoint_resampled_to_the_crop(tmp_path):
     torch.testing.assert_close(again.model.pos_embed, model.model.pos_embed)
 
 
+def official_rope(x, h, w, pretrain_grid=14):
+    """EVA-02's VisionRotaryEmbeddingFast as hustvl/Vim builds it (dim = D / 2, positions arange(n) / n x the
+    pretraining grid), written from its formulas: x (B, h*w, D) rotated pairwise by the (row, col) angles."""
+    D = x.shape[-1]
+    bands = 1.0 / 10000 ** (torch.arange(0, D // 2, 2)[:D // 4].float() / (D // 2))
+    row = ((torch.arange(h) / h * pretrain_grid)[:, None] * bands).repeat_interleave(2, -1)
+    col = ((torch.arange(w) / w * pretrain_grid)[:, None] * bands).repeat_interleave(2, -1)
+    angles = torch.cat([row[:, None].expand(h, w, -1), col[None].expand(h, w, -1)], -1).reshape(h * w, D)
+    pairs = torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)
+    return x * angles.cos() + pairs * angles.sin()
+
+
+def test_vim_rope_as_the_official_vim_s_seg_config():
+    """rope=True (the Vim-S seg config): tokens and residual stream rotated before every block."""
+    torch.manual_seed(0)
+    backbone = build(dict(type="VimBackbone", img_size=64, out_indices=(0, 1, 2, 3), feature="residual", rope=True,
+                          norm_cfg=dict(type="BN"), **VIM_SMALL), "mmseg")
+    src = randomize_vim(backbone.model).eval()
+    backbone.eval()
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outs = backbone(img)
+        tokens, (h, w) = src.patch_embed(img)
+        hidden, residual = tokens + _split_middle(resample_pos_embed(src.pos_embed, (h, w)))[0], None
+        for layer in src.layers[:3]:
+            hidden = official_rope(hidden, h, w)
+            residual = None if residual is None else official_rope(residual, h, w)
+            hidden, residual = layer(hidden, residual)
+        plain = build(dict(type="VimBackbone", img_size=64, out_indices=(0, 1, 2, 3), feature="residual",
+                           norm_cfg=dict(type="BN"), **VIM_SMALL), "mmseg")
+        plain.load_state_dict(backbone.state_dict())
+        without = plain.eval()(img)
+    torch.testing.assert_close(outs[2], (residual + hidden).transpose(1, 2).reshape(2, -1, h, w))
+    assert not torch.allclose(outs[2], without[2], atol=1e-3)
+    assert set(backbone.state_dict()) == set(plain.state_dict())  # no parameters or buffers of its own
+
+
 def test_checkpoint_with_wrong_keys_is_refused(tmp_path):
     sd = to_official(timm.create_model("vmamba_tiny", **VMAMBA_SMALL).state_dict())
     del sd["layers.1.blocks.1.op.Ds"]

@@ -15,7 +15,7 @@ import torch.nn as nn
 from mmcv.cnn import build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, RotaryEmbeddingCat, apply_rot_embed_cat
 from torch.utils.checkpoint import checkpoint
 
 from vssm.models import vim as _vim
@@ -184,6 +184,10 @@ class VimBackbone(_TimmBackbone):
         feature: 'mixer', the output of each block's mixer (the branch it adds; the official Vim-T run), or
             'residual', the residual stream after the block (the official Vim-S run's
             ``use_residual_as_feature=True, last_layer_process='add'``).
+        rope: rotate the tokens (and the residual stream) before every block by a 2-D rotary position
+            embedding, as the official Vim-S seg config does (``if_rope=True, if_rope_residual=True``: EVA-02's
+            RoPE, timm's ``RotaryEmbeddingCat`` over all D channels, positions scaled to the pretraining
+            grid). It has no parameters, so the released (RoPE-free) checkpoints load as they are.
         norm_cfg: the norm between the two transposed convs of the stride-4 level.
         frozen_stages: -1 none; 0 the patch/position embeddings and the class token; k those and the
             first k blocks.
@@ -197,7 +201,7 @@ class VimBackbone(_TimmBackbone):
     strides = (4, 8, 16, 32)
 
     def __init__(self, model_name="vim_tiny_patch16_224", img_size=512, out_indices=(5, 11, 17, 23),
-                 feature="mixer", norm_cfg=dict(type="SyncBN", requires_grad=True), frozen_stages=-1,
+                 feature="mixer", rope=False, norm_cfg=dict(type="SyncBN", requires_grad=True), frozen_stages=-1,
                  drop_path_rate=0.1, with_cp=False, init_cfg=None, **model_kwargs):
         if feature not in ("mixer", "residual"):
             raise ValueError(f"VimBackbone: feature must be 'mixer' or 'residual', got {feature!r}")
@@ -209,6 +213,10 @@ class VimBackbone(_TimmBackbone):
                              f"at strides {self.strides}), got {self.out_indices}")
         dim, stride = self.model.embed_dim, self.model.patch_embed.stride[0]
         self.channels = [dim] * len(self.strides)
+        self.rope = None
+        if rope:  # the pretraining grid (224 / patch stride) is the reference the positions are scaled to
+            pretrain_grid = [s // stride for s in self.model.pretrained_cfg["input_size"][1:]]
+            self.rope = RotaryEmbeddingCat(dim, in_pixels=False, ref_feat_shape=pretrain_grid)
         self.fpns = nn.ModuleList([self._resample(dim, stride / s, norm_cfg) for s in self.strides])
         self._freeze()
 
@@ -239,7 +247,11 @@ class VimBackbone(_TimmBackbone):
         tokens, (h, w) = m.patch_embed(x)
         pos_embed, _ = _vim._split_middle(_vim.resample_pos_embed(m.pos_embed, (h, w), m.patch_embed.grid_size))
         hidden, residual, taken = m.pos_drop(tokens + pos_embed), None, {}
+        rot = self.rope.get_embed([h, w]).to(x.device) if self.rope is not None else None
         for i, layer in enumerate(m.layers):
+            if rot is not None:
+                hidden = apply_rot_embed_cat(hidden, rot)
+                residual = None if residual is None else apply_rot_embed_cat(residual, rot)
             if m.grad_checkpointing:
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
