@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import _timer  # noqa: E402
+from benchmark import time_step  # noqa: E402
 from flops import _NORMS  # noqa: E402
 
 import vssm  # noqa: E402,F401  (registers vssm's models with timm)
@@ -85,14 +85,7 @@ def measure(name, latent_size, batch, device, dtype, warmup, iters):
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    timer = _timer(device)
-    timer(step, warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timer(step, iters)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else None
+    seconds, peak = time_step(step, device, warmup, iters)
     return dict(model=name, latent_size=latent_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 params_m=round(params / 1e6, 1), gflops=round(flops, 1), ms_per_step=round(seconds * 1e3, 2),
                 samples_per_s=round(batch / seconds, 1), peak_mib=None if peak is None else round(peak))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import _timer  # noqa: E402
+from benchmark import time_step  # noqa: E402
 
 import vssm.mm  # noqa: E402,F401  (registers vssm's backbones; puts the mmcv ops stand-in in place)
 
@@ -114,14 +114,8 @@ def measure(spec, args, device):
     def step():
         model.train_step(data, optim_wrapper)
 
-    timer = _timer(device)
-    timer(step, args.warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    ms = timer(step, args.iters) * 1e3
-    peak = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20) if device.type == "cuda" else None
+    seconds, peak = time_step(step, device, args.warmup, args.iters)
+    ms, peak = seconds * 1e3, None if peak is None else round(peak)
     return dict(config=spec, size=size, batch=batch, params_m=round(params / 1e6, 2), ms_per_iter=round(ms, 1),
                 img_per_s=round(batch / ms * 1e3, 1), peak_mib=peak,
                 amp=not args.fp32 and device.type == "cuda")

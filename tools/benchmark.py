@@ -36,27 +36,33 @@ def create(name, img_size, device, **kwargs):
     return model.to(device)
 
 
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn, iters):
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times) if times else None
-    else:
-        def run(fn, iters):
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times) if times else None
-    return run
+def time_step(step, device, warmup, iters):
+    """The benchmark protocol shared by the tools: `warmup` untimed calls of step(), then the median seconds
+    of `iters` timed ones (CUDA events on CUDA, wall clock elsewhere) and the peak memory they allocate on top
+    of what was allocated before them, in MiB (None off CUDA)."""
+    cuda = device.type == "cuda"
+
+    def once():
+        if not cuda:
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    for _ in range(warmup):
+        once()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median([once() for _ in range(iters)]) if iters else None
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else None
+    return seconds, peak
 
 
 def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False, model_kwargs=None):
@@ -85,14 +91,7 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they count as resident memory
-    timer = _timer(device)
-    timer(step, warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timer(step, iters)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else None
+    seconds, peak = time_step(step, device, warmup, iters)
     return dict(model=name, mode=mode, img_size=img_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 params_m=round(params / 1e6, 2), ms_per_iter=round(seconds * 1e3, 3),
                 img_per_s=round(batch / seconds, 1), peak_mib=None if peak is None else round(peak, 1))

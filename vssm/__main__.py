@@ -123,32 +123,13 @@ def _device(parser, name):
     return device
 
 
-def _demo(args):
-    from . import demo
+def _run_demo(run, **kwargs):
+    """A demo's exit status: 0 passed, 1 failed, 2 its optional packages are missing."""
+    from .demo import MissingExtras
 
     try:
-        _, passed = demo.run(models=args.models, epochs=args.epochs, batch_size=args.batch_size,
-                             device=args.device, out=args.out, min_acc=args.min_acc, seed=args.seed,
-                             progress=not args.no_progress)
-    except demo.MissingExtras as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if passed else 1
-
-
-def _diffusion_demo(args):
-    from . import demo, diffusion_demo
-
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print("error: vssm diffusion-demo needs diffusers: pip install 'vssm[diffusion]'", file=sys.stderr)
-        return 2
-    try:
-        _, passed = diffusion_demo.run(steps=args.steps, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
-                                       device=args.device, out=args.out, min_acc=args.min_acc, seed=args.seed,
-                                       progress=not args.no_progress)
-    except demo.MissingExtras as e:
+        _, passed = run(**kwargs)
+    except MissingExtras as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if passed else 1
@@ -197,8 +178,13 @@ def main(argv=None):
     device = _device({"info": p_info, "demo": p_demo, "diffusion-demo": p_diff}.get(args.command, parser),
                      args.device)
     if args.command in ("demo", "diffusion-demo"):
-        args.device = device
-        sys.exit(_demo(args) if args.command == "demo" else _diffusion_demo(args))
+        common = dict(batch_size=args.batch_size, device=device, out=args.out, min_acc=args.min_acc, seed=args.seed,
+                      progress=not args.no_progress)
+        if args.command == "demo":
+            from . import demo
+            sys.exit(_run_demo(demo.run, models=args.models, epochs=args.epochs, **common))
+        from . import diffusion_demo
+        sys.exit(_run_demo(diffusion_demo.run, steps=args.steps, cfg_scale=args.cfg_scale, **common))
     sys.exit(0 if info(device, args.quick) else 1)
 
 

@@ -20,12 +20,13 @@ The proof that the diffusion model and its recipe learn, offline and on the CPU 
 Writes ``<out>/diffusion-demo.png``: the samples, one row per class, and the loss curve.
 """
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .demo import require_extras
+from .demo import MissingExtras, require_extras
 
 # the reduced DiffuSSM of the demo (diffussm_tiny_8's layout, fewer states for the CPU)
 MODEL = dict(hidden_size=64, depth=4, d_state=4)
@@ -64,9 +65,15 @@ class Result:
     labels: torch.Tensor
 
     @property
-    def loss_fell(self):
+    def first_and_last_loss(self):
+        """The mean training loss of the first and of the last tenth of the steps."""
         tenth = max(1, len(self.losses) // 10)
-        return sum(self.losses[-tenth:]) / tenth < sum(self.losses[:tenth]) / tenth
+        return sum(self.losses[:tenth]) / tenth, sum(self.losses[-tenth:]) / tenth
+
+    @property
+    def loss_fell(self):
+        first, last = self.first_and_last_loss
+        return last < first
 
 
 def train(model, ema, images, labels, steps, batch_size, lr, device, seed, progress):
@@ -133,13 +140,16 @@ def run(steps=800, batch_size=64, lr=3e-3, samples_per_class=10, sample_steps=50
     from .diffusion import make_scheduler, sample
 
     require_extras()
+    try:
+        import diffusers  # noqa: F401  (the schedulers)
+    except ImportError:
+        raise MissingExtras("vssm diffusion-demo needs diffusers: pip install 'vssm[diffusion]'") from None
     device = torch.device(device)
     images, labels = load_digits()
     judge, judge_acc = train_judge(images, labels, seed)
     torch.manual_seed(seed)
     model = timm.create_model("diffussm_tiny_8", **MODEL).to(device)
-    ema = timm.create_model("diffussm_tiny_8", **MODEL).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema = deepcopy(model).requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     print(f"vssm diffusion-demo: {len(labels)} scikit-learn digits (8x8 grey, pixel space), device {device}\n"
           f"  model: timm.create_model('diffussm_tiny_8', {', '.join(f'{k}={v}' for k, v in MODEL.items())}), "
@@ -149,9 +159,6 @@ def run(steps=800, batch_size=64, lr=3e-3, samples_per_class=10, sample_steps=50
     t0 = time.perf_counter()
     losses = train(model, ema, images, labels, steps, batch_size, lr, device, seed, progress)
     train_s = time.perf_counter() - t0
-    tenth = max(1, steps // 10)
-    print(f"  trained {steps} steps of batch {batch_size} in {train_s:.0f} s: loss {sum(losses[:tenth]) / tenth:.4f} "
-          f"(first tenth) -> {sum(losses[-tenth:]) / tenth:.4f} (last tenth)", flush=True)
 
     ema.eval()
     wanted = torch.arange(10).repeat(samples_per_class)
@@ -162,6 +169,9 @@ def run(steps=800, batch_size=64, lr=3e-3, samples_per_class=10, sample_steps=50
     hits = named == wanted
     per_class = [hits[wanted == c].float().mean().item() for c in range(10)]
     result = Result(params, losses, train_s, judge_acc, hits.float().mean().item(), per_class, samples, wanted)
+    first, last = result.first_and_last_loss
+    print(f"  trained {steps} steps of batch {batch_size} in {train_s:.0f} s: loss {first:.4f} (first tenth) -> "
+          f"{last:.4f} (last tenth)")
     path = plot(result, Path(out) / "diffusion-demo.png")
     print(f"  {len(wanted)} samples (DDIM {sample_steps} steps, cfg scale {cfg_scale}): the judge recognises "
           f"{100 * result.recognised:.0f}% (per class: {' '.join(f'{100 * a:.0f}' for a in per_class)})\n"
