@@ -133,6 +133,17 @@ def _contiguous(*ts):
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+def _dense(t):
+    """t if its elements fill their span without gaps or overlaps (in any order of dimensions, e.g.
+    channels-last), else a contiguous copy."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != span:
+            return t.contiguous()
+        span *= size
+    return t
+
+
 def _kernels(N, hw):
     """The stepped kernels for plain scans with large states, the chunked ones otherwise (BENCHMARKS.md)."""
     if hw is None and N >= 8:
@@ -142,16 +153,40 @@ def _kernels(N, hw):
     return triton_scan
 
 
+def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
+    """The inputs in the layouts the kernels read: plain scans contiguous rows; the cross-scan every map at its
+    strides (u and delta dense, since their gradients take their strides; B and C sharing strides)."""
+    if hw is None:
+        return _contiguous(u, delta, A, B, C, D, z, delta_bias)
+    u, delta = _dense(u), _dense(delta)
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    A, D, delta_bias = _contiguous(A, D, delta_bias)
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype, write_last):
+    """Forward only (no autograd graph): what inference calls, sparing the autograd.Function's overhead."""
+    inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
+    out, last, _ = _kernels(A.shape[1], hw).scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype,
+                                                     write_last=write_last)
+    return out, last
+
+
+def _needs_grad(*ts):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 class _TritonScan(torch.autograd.Function):
     """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
-        u, delta, A, B, C, D, z, delta_bias = _contiguous(u, delta, A, B, C, D, z, delta_bias)
+        inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
         kernels = _kernels(A.shape[1], hw)
-        out, last, _ = kernels.scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                                        out_dtype=out_dtype, write_last=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype,
+                                        write_last=True)
+        ctx.save_for_backward(*inputs)
         ctx.options = (kernels, delta_softplus, reverse, hw)
         ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
         return out, last
@@ -164,8 +199,8 @@ class _TritonScan(torch.autograd.Function):
             dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        grads = kernels.scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
-                                 delta_softplus, reverse, hw)
+        grads = kernels.scan_bwd(dout if hw is not None else dout.contiguous(), dlast, u, delta, A, B, C, D, z,
+                                 delta_bias, delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
@@ -225,7 +260,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if scan_backend(u.device, u.dtype, backend) == "torch":
         return selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state,
                                   reverse)
-    y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
+    if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
+        y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
+    else:
+        y, last = _triton_scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None,
+                               return_last_state)
     return (y, last) if return_last_state else y
 
 
@@ -235,7 +274,10 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
 
     Equal to ``cross_merge(selective_scan(cross_scan(x), ...))`` with every per-direction input put in its
     own scan order, but the kernels read all inputs straight from their (H, W) layout and accumulate the
-    merged output, so no (batch, 4, dim, L) copy of x or of the output is made.
+    merged output, so no (batch, 4, dim, L) copy of x or of the output is made. Any strides are read as
+    they are; channels-last maps (channels contiguous at each pixel, e.g. ``x.permute(0, 3, 1, 2)`` of a
+    (batch, H, W, dim) tensor, delta a view of (batch, H, W, 4, dim)) are the fastest, since every scan order
+    then reads whole runs of channels per position.
 
     Args:
         x: (batch, dim, H, W) map shared by the four directions.
@@ -243,19 +285,19 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
         A: (4 * dim, N); D, delta_bias: (4 * dim,), direction k owning rows k * dim ... (k + 1) * dim - 1.
         B, C: (batch, 4, N, H, W), direction k's B and C in the map's layout.
     Returns:
-        (batch, dim, H, W) in float32 (float64 for float64 x), like VMamba's "oflex" output.
+        (batch, dim, H, W) in float32 (float64 for float64 x), like VMamba's "oflex" output; with the Triton
+        kernels in x's memory layout, and the four directions summed by atomic adds (their order, and so the
+        last bit of the sum, varies between runs).
     """
     _check_cross(x, delta, A, B, C, D, delta_bias)
     if _flop_counters:
         _count_flops(x.shape[0], 4 * x.shape[1], x.shape[2] * x.shape[3], A.shape[1], D is not None, False)
     if scan_backend(x.device, x.dtype, backend) == "torch":
         return cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    batch, dim, H, W = x.shape
-    L = H * W
-    y, _ = _TritonScan.apply(x.reshape(batch, dim, L), delta.reshape(batch, 4 * dim, L), A,
-                             B.reshape(batch, 4, -1, L), C.reshape(batch, 4, -1, L), D, None, delta_bias,
-                             delta_softplus, False, (H, W), torch.float32)
-    return y.view(batch, dim, H, W)
+    args = (x, delta, A, B, C, D, None, delta_bias, delta_softplus, False, tuple(x.shape[2:]), torch.float32)
+    if _needs_grad(x, delta, A, B, C, D, delta_bias):
+        return _TritonScan.apply(*args)[0]
+    return _triton_scan(*args, False)[0]
 
 
 def cross_scan(x, backend="auto"):

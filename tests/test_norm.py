@@ -55,6 +55,18 @@ def test_strided_channels_first_input_is_read_in_place():
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
+def test_inference_path_matches_torch():
+    """Under no_grad / inference_mode the kernel runs outside autograd: same values, strided input read."""
+    x, w, b = _inputs((2, 5, 6, 9), torch.float32, seed=3)
+    view = x.detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    ref = F.layer_norm(view, (9,), w, b, 1e-6)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = layer_norm(view, w, b, 1e-6, backend="triton")
+        assert not y.requires_grad and y.shape == view.shape and y.is_contiguous()
+        torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_out_dtype_and_autocast_dtype():
     x, w, b = _inputs((4, 16), torch.float32, seed=2)
     y = layer_norm(x, w, b, out_dtype=torch.bfloat16, backend="triton")

@@ -216,17 +216,96 @@ def test_cross_selective_scan_matches_unfused(backend, dtype, N, hw):
         assert rel_err(g, gt) < TOL[dtype], name
 
 
+def channels_last_views(inputs):
+    """The same values stored as VMamba's SS2D makes them: x a (batch, H, W, dim) map, delta
+    (batch, H, W, 4, dim), B and C two slices of one (batch, H, W, 4, 2N + 1) projection output (not dense).
+    Returns the leaves (to take gradients of) and the views that the scan gets."""
+    x, delta, B, C = (inputs[k].detach() for k in ("x", "delta", "B", "C"))
+    N = B.shape[2]
+    x_cl = x.permute(0, 2, 3, 1).contiguous().requires_grad_()
+    delta_cl = delta.permute(0, 3, 4, 1, 2).contiguous().requires_grad_()
+    proj = torch.cat([B, C, torch.randn_like(B[:, :, :1])], 2).permute(0, 3, 4, 1, 2).contiguous().requires_grad_()
+    views = dict(x=x_cl.permute(0, 3, 1, 2), delta=delta_cl.permute(0, 3, 4, 1, 2),
+                 B=proj[..., :N].permute(0, 3, 4, 1, 2), C=proj[..., N:2 * N].permute(0, 3, 4, 1, 2))
+    return dict(x=x_cl, delta=delta_cl, proj=proj), views
+
+
+@pytest.mark.parametrize("backend,dtype,N,hw", [("torch", torch.float32, 1, (5, 7)),
+                                                 ("triton", torch.float32, 1, (5, 7)),
+                                                 ("triton", torch.float32, 2, (3, 29)),
+                                                 ("triton", torch.bfloat16, 1, (11, 8))])
+def test_cross_selective_scan_channels_last(backend, dtype, N, hw):
+    """Strided channels-last inputs give the truth's output and gradients; out and the gradient of x keep
+    x's channels-last layout."""
+    inputs = cross_inputs(2, 40, N, *hw, dtype, DEVICE if backend == "triton" else "cpu")
+    truth = cross_truth(**inputs)
+    leaves, views = channels_last_views(inputs)
+    rest = {k: inputs[k] for k in ("A", "D", "delta_bias")}
+    out = cross_selective_scan(**views, **rest, delta_softplus=True, backend=backend)
+    assert rel_err(out, truth) < TOL[dtype]
+    if backend == "triton":
+        assert out.permute(0, 2, 3, 1).is_contiguous()
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
+    g_x, g_delta, g_proj, g_A, g_D, g_bias = torch.autograd.grad(out, [*leaves.values(), *rest.values()], gy)
+    truth_grads = dict(zip(inputs, torch.autograd.grad(truth, list(inputs.values()), gy.double())))
+    N = inputs["B"].shape[2]
+    got = dict(x=g_x.permute(0, 3, 1, 2), delta=g_delta.permute(0, 3, 4, 1, 2), A=g_A, D=g_D, delta_bias=g_bias,
+               B=g_proj[..., :N].permute(0, 3, 4, 1, 2), C=g_proj[..., N:2 * N].permute(0, 3, 4, 1, 2))
+    assert (g_proj[..., 2 * N:] == 0).all()
+    for name, g in got.items():
+        assert rel_err(g, truth_grads[name]) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("N,last", [(1, True), (16, True), (2, False)])
+def test_triton_inference_path(N, last):
+    """Without gradients the kernels run outside autograd (less launch overhead): same truth, same last
+    state, for the chunked (N = 1, 2) and the stepped (N = 16) kernels, and for the cross-scan."""
+    inputs = {k: v.detach() if v is not None else None
+              for k, v in make_inputs(2, 8, N, 37, 2, torch.float32, DEVICE).items()}
+    truth_y, truth_h = loop_scan(**inputs, delta_softplus=True)
+    with torch.no_grad():
+        out = selective_scan(**inputs, delta_softplus=True, return_last_state=last, backend="triton")
+    y, h = out if last else (out, None)
+    assert not y.requires_grad and rel_err(y, truth_y) < TOL[torch.float32]
+    if last:
+        assert rel_err(h, truth_h) < TOL[torch.float32]
+    cross = cross_inputs(2, 6, N, 5, 7, torch.float32, DEVICE)
+    truth = cross_truth(**cross)
+    with torch.inference_mode():
+        out = cross_selective_scan(**cross, delta_softplus=True, backend="triton")
+    assert not out.requires_grad and rel_err(out, truth) < TOL[torch.float32]
+
+
+def test_cross_selective_scan_channels_last_wide_blocks(monkeypatch):
+    """Small inputs get 8-channel blocks (too few programs otherwise); pretend there are many rows so the
+    32 (forward) / 16 (backward) channel blocks of large batches run too."""
+    from vssm.kernels import triton_scan
+    config = triton_scan._config
+    monkeypatch.setattr(triton_scan, "_config", lambda *a, **kw: config(*a, **dict(kw, rows=10 ** 6)))
+    assert triton_scan._config(64, 1, 35, 64, channels_last=True)["BLOCK_D"] == 32
+    test_cross_selective_scan_channels_last("triton", torch.float32, 1, (5, 7))
+
+
 @pytest.mark.skipif(not CUDA, reason="realistic shapes need the GPU")
-def test_cross_selective_scan_realistic_cuda():
-    inputs = cross_inputs(2, 192, 1, 56, 56, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 192, 56, 56), (64, 128, 14, 14)])
+def test_cross_selective_scan_realistic_cuda(channels_last, shape):
+    inputs = cross_inputs(*shape[:2], 1, *shape[2:], torch.bfloat16, "cuda")
     ref = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out = cross_selective_scan(**inputs, delta_softplus=True, backend="triton")
     out_ref = cross_selective_scan(**ref, delta_softplus=True, backend="torch")
+    gy = torch.randn_like(out_ref)
+    grads_ref = dict(zip(ref, torch.autograd.grad(out_ref, list(ref.values()), gy)))
+    if channels_last:
+        leaves, views = channels_last_views(inputs)
+        rest = {k: inputs[k] for k in ("A", "D", "delta_bias")}
+        out = cross_selective_scan(**views, **rest, delta_softplus=True, backend="triton")
+        grads = dict(zip([*views, *rest], torch.autograd.grad(out, [*views.values(), *rest.values()], gy)))
+    else:
+        out = cross_selective_scan(**inputs, delta_softplus=True, backend="triton")
+        grads = dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), gy)))
     assert rel_err(out, out_ref) < TOL[torch.bfloat16]
-    gy = torch.randn_like(out)
-    for name, g, gr in zip(inputs, torch.autograd.grad(out, list(inputs.values()), gy),
-                           torch.autograd.grad(out_ref, list(ref.values()), gy)):
-        assert rel_err(g, gr) < TOL[torch.bfloat16], name
+    for name, g in grads.items():
+        assert rel_err(g, grads_ref[name]) < TOL[torch.bfloat16], name
 
 
 # ---------------------------------------------------------------------------------------------------------

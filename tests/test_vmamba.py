@@ -220,7 +220,7 @@ def test_fused_cross_scan_matches_unfused_kernels(device, hw):
     forward and gradients, in float32 (on CUDA both run the Triton kernels)."""
     ss2d = random_ss2d(dim=16, dtype=torch.float32).to(device)
     x = torch.randn(2, ss2d.d_inner, *hw, device=device, requires_grad=True)
-    out, ref = ss2d.scan(x), unfused_scan(ss2d, x)
+    out, ref = ss2d.scan(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), unfused_scan(ss2d, x)  # scan: channels-last
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-5)
     grad_out = torch.randn_like(out)

@@ -135,12 +135,25 @@ def bench_vim(batch, dim, L, N, dtype, rows):
 # ---------------------------------------------------------------------------------------------------------
 # VMamba: 4-direction cross-scan, batch 128, dim 192 per direction, 56 x 56, N 1, no z
 # ---------------------------------------------------------------------------------------------------------
+def vmamba_inputs(batch, dim, H, W, N, dtype, channels_last=False):
+    """Cross-scan inputs; channels-last as VMamba's SS2D makes them (x a view of (batch, H, W, dim), delta of
+    (batch, H, W, 4, dim), B and C slices of one (batch, H, W, 4 * (2N + R)) projection output, R = 6)."""
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    rest = dict(A=-torch.rand(4 * dim, N, device="cuda") - 0.5, D=r(4 * dim), delta_bias=r(4 * dim) * 0.5)
+    if not channels_last:
+        return dict(x=r(batch, dim, H, W).to(dtype), delta=(r(batch, 4, dim, H, W) * 0.5 - 1).to(dtype),
+                    B=r(batch, 4, N, H, W).to(dtype), C=r(batch, 4, N, H, W).to(dtype), **rest)
+    proj = r(batch, H, W, 4 * (6 + 2 * N)).to(dtype)
+    maps = lambda t: t.permute(0, 3, 4, 1, 2)  # noqa: E731
+    return dict(x=r(batch, H, W, dim).to(dtype).permute(0, 3, 1, 2),
+                delta=maps((r(batch, H, W, 4, dim) * 0.5 - 1).to(dtype)),
+                B=maps(proj[..., 24:24 + 4 * N].view(batch, H, W, 4, N)),
+                C=maps(proj[..., 24 + 4 * N:].view(batch, H, W, 4, N)), **rest)
+
+
 def bench_vmamba(batch, dim, H, W, N, dtype, rows):
     L = H * W
-    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
-    base = dict(x=r(batch, dim, H, W).to(dtype), delta=(r(batch, 4, dim, H, W) * 0.5 - 1).to(dtype),
-                A=-torch.rand(4 * dim, N, device="cuda") - 0.5, B=r(batch, 4, N, H, W).to(dtype),
-                C=r(batch, 4, N, H, W).to(dtype), D=r(4 * dim), delta_bias=r(4 * dim) * 0.5)
+    base = vmamba_inputs(batch, dim, H, W, N, dtype)
     dout = torch.randn(batch, dim, H, W, device="cuda", dtype=torch.float32)
     io = nbytes(*base.values()) + nbytes(dout)
     name = f"VMamba b{batch} 4x d{dim} {H}x{W} N{N}"
@@ -174,6 +187,18 @@ def bench_vmamba(batch, dim, H, W, N, dtype, rows):
             t_f = timed(lambda: fn(base))
         rows.append(dict(shape=name, impl=label, fwd_ms=t_f, fwd_bwd_ms=timed(fb(fn)), mem_mib=peak_mem(fb(fn)),
                          fwd_gbs=io / t_f / 1e6))
+    # the model's layout: the same scan reading channels-last maps
+    cl = vmamba_inputs(batch, dim, H, W, N, dtype, channels_last=True)
+    ins = {k: v.detach().requires_grad_() for k, v in cl.items()}  # the views themselves as leaves
+
+    def fb_cl():
+        fused(ins).backward(dout)
+        for v in ins.values():
+            v.grad = None
+    with torch.no_grad():
+        t_f = timed(lambda: fused(cl))
+    rows.append(dict(shape=name, impl="vssm triton, fused cross-scan, channels-last maps", fwd_ms=t_f,
+                     fwd_bwd_ms=timed(fb_cl), mem_mib=peak_mem(fb_cl), fwd_gbs=io / t_f / 1e6))
     if selective_scan_cuda is not None:
         class MambaScan(torch.autograd.Function):
             @staticmethod
@@ -204,12 +229,11 @@ def _orders(t):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def sweep(dtype):
+def sweep(dtype, parts=("vim", "vmamba")):
     """Time other block sizes: the stepped kernels (BLOCK_D, warps) at Vim shapes, the chunked ones
     ((BLOCK_D, BLOCK_L, warps) of forward and backward) at the VMamba shape. Defaults: each module's _config."""
     from vssm.kernels import triton_step
     results = []
-    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
 
     def record(name, fn, x, cfg):
         out = fn(**x, delta_softplus=True)
@@ -226,7 +250,7 @@ def sweep(dtype):
         print(results[-1], flush=True)
 
     default_step = triton_step._config
-    for batch, L in [(128, 197), (32, 6085)]:
+    for batch, L in [(128, 197), (32, 6085)] if "vim" in parts else []:
         x = vim_inputs(batch, 384, L, 16, dtype)
         for bd, w in [(8, 1), (4, 1), (16, 1), (8, 2), (16, 2), (32, 2)]:
             triton_step._config = lambda dim, N, cpg, bd=bd, w=w: dict(
@@ -235,16 +259,21 @@ def sweep(dtype):
     triton_step._config = default_step
 
     default_chunked = triton_scan._config
-    cross = dict(x=r(128, 192, 56, 56).to(dtype), delta=(r(128, 4, 192, 56, 56) * 0.5 - 1).to(dtype),
-                 A=-torch.rand(768, 1, device="cuda") - 0.5, B=r(128, 4, 1, 56, 56).to(dtype),
-                 C=r(128, 4, 1, 56, 56).to(dtype), D=r(768), delta_bias=r(768) * 0.5)
-    for fwd_cfg, bwd_cfg in [((2, 512, 4), (4, 256, 4)), ((2, 512, 2), (2, 256, 2)), ((2, 1024, 8), (4, 128, 4)),
-                             ((4, 256, 4), (8, 128, 4))]:
-        def cfg(dim, N, L, cpg, backward=False, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg):
-            bd, bl, w = bwd_cfg if backward else fwd_cfg
-            return dict(BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), BLOCK_L=bl, num_warps=w)
-        triton_scan._config = cfg
-        record("VMamba fused b128 4x192 56x56 N1 (chunked)", cross_selective_scan, cross, (fwd_cfg, bwd_cfg))
+    for channels_last, configs in [] if "vmamba" not in parts else [
+            (False, [((2, 512, 4), (4, 256, 4)), ((2, 512, 2), (2, 256, 2)), ((4, 256, 4), (8, 128, 4))]),
+            (True, [((32, 16, 2), (16, 16, 1)), ((32, 16, 1), (32, 16, 2)), ((16, 16, 1), (16, 16, 1)),
+                    ((32, 8, 1), (32, 8, 1)), ((64, 8, 2), (64, 8, 2)), ((16, 32, 1), (16, 16, 2))])]:
+        for dim in (96, 192):
+            cross = vmamba_inputs(128, dim, 56, 56, 1, dtype, channels_last)
+            for fwd_cfg, bwd_cfg in configs:
+                def cfg(dim, N, L, cpg, channels_last=False, backward=False, rows=1, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg):
+                    bd, bl, w = bwd_cfg if backward else fwd_cfg
+                    return dict(BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), BLOCK_L=bl,
+                                NUM_STAGES=3 if channels_last else 1, num_warps=w)
+                triton_scan._config = cfg
+                layout = "channels-last" if channels_last else "channels-first"
+                record(f"VMamba fused b128 4x{dim} 56x56 N1 {layout}", cross_selective_scan, cross,
+                       (fwd_cfg, bwd_cfg))
     triton_scan._config = default_chunked
     return results
 
