@@ -65,7 +65,24 @@ def time_step(step, device, warmup, iters):
     return seconds, peak
 
 
-def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False, model_kwargs=None):
+def graphed(step, warmup=3):
+    """step captured once into a CUDA graph: a replay launches all its kernels at once, so the time measured
+    is the GPU's alone, without Python's per-kernel launch overhead (inference only: fixed input, no
+    optimizer)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture (Triton compiles, cuDNN picks algorithms)
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False, model_kwargs=None,
+            cuda_graph=False):
     """One row: seconds per iteration, images per second and peak extra memory (MiB) of one model."""
     torch.manual_seed(0)
     model = create(name, img_size, device, **(model_kwargs or {}))
@@ -80,6 +97,8 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
         def step():
             with torch.inference_mode(), autocast:
                 model(x)
+        if cuda_graph:
+            step = graphed(step)
     else:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -92,6 +111,8 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they count as resident memory
     seconds, peak = time_step(step, device, warmup, iters)
+    if cuda_graph:
+        peak = None  # a graph's memory is allocated at capture, before time_step's baseline
     return dict(model=name, mode=mode, img_size=img_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 params_m=round(params / 1e6, 2), ms_per_iter=round(seconds * 1e3, 3),
                 img_per_s=round(batch / seconds, 1), peak_mib=None if peak is None else round(peak, 1))
@@ -131,12 +152,16 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="inference: time one CUDA graph replay of the forward (no Python launch overhead)")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON of extra timm.create_model arguments for every model, e.g. \'{"depth": 12}\'')
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
+    if args.cuda_graph and (not args.device.startswith("cuda") or "train" in args.mode):
+        p.error("--cuda-graph times CUDA inference only (--mode infer on a GPU)")
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -161,7 +186,8 @@ def main(argv=None):
             for name in args.models:
                 batch = batch_of.get(size, args.batch_size[0])
                 try:
-                    row = measure(name, mode, size, batch, device, dtype, warmup, iters, args.compile, args.model_kwargs)
+                    row = measure(name, mode, size, batch, device, dtype, warmup, iters, args.compile, args.model_kwargs,
+                                  args.cuda_graph)
                 except Exception as e:  # e.g. out of memory or a model that cannot take the size
                     row = dict(model=name, mode=mode, img_size=size, batch=batch, error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
