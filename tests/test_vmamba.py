@@ -434,6 +434,21 @@ def test_autocast_bf16_and_bf16_weights():
     assert out.dtype == torch.bfloat16 and (out.float() - ref).norm() / ref.norm() < 1e-1
 
 
+def test_autocast_norms_write_the_linear_dtype(monkeypatch):
+    """Under autocast the block norms write bf16 for the Linears after them: exactly what the Linears'
+    own cast of a float32 norm output would give (same model output, bit for bit)."""
+    model = small()
+    img = torch.randn(2, 3, 32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(img)
+    norm_type = type(model.stages[0].blocks[0].norm1)
+    forward = norm_type.forward
+    monkeypatch.setattr(norm_type, "forward", lambda self, x, out_dtype=None: forward(self, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(img)
+    assert torch.equal(out, ref)
+
+
 def test_torch_compile():
     """Dynamo captures the model around the scan (kept out of the graph); aot_eager keeps the test fast, the
     default inductor backend compiles the same graphs (a minute of C++ codegen on a small CPU)."""

@@ -195,8 +195,11 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, dim)."""
-        x = x + self.drop_path(self.ss2d(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        # both norms feed a Linear, which under autocast would cast their float32 output to the autocast
+        # dtype anyway: writing that dtype directly gives the same values and spares a pass over the map
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        x = x + self.drop_path(self.ss2d(self.norm1(x, out_dtype=dtype)))
+        x = x + self.drop_path(self.mlp(self.norm2(x, out_dtype=dtype)))
         return x
 
 
