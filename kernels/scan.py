@@ -236,6 +236,12 @@ def _count_flops(batch, dim, L, N, has_D, has_z):
 # ---------------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------------
+# Under torch.compile the Triton path is traced (Dynamo captures the kernel launches, forward and backward);
+# the reference's data-dependent chunk checks would break VMamba's graph dozens of times per block, so there
+# it runs as one opaque call.
+_cross_selective_scan_ref = torch.compiler.disable(cross_selective_scan_ref)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, reverse=False, backend="auto"):
     """Mamba's selective scan (S6), with mamba_ssm's ``selective_scan_fn`` semantics.
@@ -293,7 +299,7 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
     if _flop_counters:
         _count_flops(x.shape[0], 4 * x.shape[1], x.shape[2] * x.shape[3], A.shape[1], D is not None, False)
     if scan_backend(x.device, x.dtype, backend) == "torch":
-        return cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
+        return _cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
     args = (x, delta, A, B, C, D, None, delta_bias, delta_softplus, False, tuple(x.shape[2:]), torch.float32)
     if _needs_grad(x, delta, A, B, C, D, delta_bias):
         return _TritonScan.apply(*args)[0]

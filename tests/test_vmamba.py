@@ -450,13 +450,28 @@ def test_autocast_norms_write_the_linear_dtype(monkeypatch):
 
 
 def test_torch_compile():
-    """Dynamo captures the model around the scan (kept out of the graph); aot_eager keeps the test fast, the
-    default inductor backend compiles the same graphs (a minute of C++ codegen on a small CPU)."""
+    """Dynamo captures the model around the CPU reference scan (one opaque call); aot_eager keeps the test
+    fast, the default inductor backend compiles the same graphs (a minute of C++ codegen on a small CPU)."""
     model = small(depths=(1, 1, 1, 1))
     img = torch.randn(1, 3, 32, 48)
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(img), model(img), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: Dynamo traces the Triton scan")
+def test_cuda_torch_compile_traces_the_triton_scan():
+    """On CUDA the whole model, scan kernels included, is one graph (fullgraph: no break at the scan), and
+    the compiled forward and backward match eager."""
+    model = randomize(timm.create_model("vmamba_tiny", depths=(1, 1, 2, 1), dims=32)).cuda()
+    img = torch.randn(2, 3, 64, 96, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    out, ref = compiled(img), model(img)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    grads_ref = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3)
 
 
 def test_bad_input_is_named():

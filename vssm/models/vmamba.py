@@ -27,8 +27,8 @@ The four-direction scan runs through `vssm.kernels.cross_selective_scan`, which 
 orders itself and accumulates the merged float32 output: the per-direction projections (x_proj, dt_proj) are
 per-pixel Linears on the channels-last map, and the scan reads x, the time steps and B/C as strided views of
 their outputs, so no (B, 4, C, H*W) cross-scan copy of the input or of the output is made. On CUDA the scan
-runs the Triton kernels, elsewhere the exact PyTorch reference. Under torch.compile the scan is left out of
-the traced graph (torch.compiler.disable), the rest of the model is compiled.
+runs the Triton kernels, elsewhere the exact PyTorch reference. Under torch.compile the Triton kernels are
+traced into the graph with the rest of the model (the CPU reference stays one opaque call).
 
 Input size: any (H, W) works. Every stride-2 conv is k3 s2 p1, which maps a side n to ceil(n / 2), so an odd
 side is rounded up at each of the five halvings (225 -> 113 -> 57 -> 29 -> 15 -> 8) and stage i has
@@ -59,11 +59,6 @@ from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
 from ._ssm import init_dt_bias_
 
 __all__ = ["VMamba", "SS2D", "VSSBlock", "checkpoint_filter_fn"]
-
-# torch.compile: the scan is one fused op (Triton on CUDA); dynamo runs it as a black box, compiling the rest.
-# Traced, the CPU reference's data-dependent chunk checks break the graph dozens of times per block.
-_cross_selective_scan = torch.compiler.disable(cross_selective_scan)
-
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm through `vssm.kernels.layer_norm` (Triton on CUDA: PyTorch's kernel is slow on many short
@@ -156,7 +151,7 @@ class SS2D(nn.Module):
             dts = torch.einsum("bhwkr,kdr->bhwkd", x_dbl[..., :R], self.dt_projs_weight)
         maps = lambda t: t.permute(0, 3, 4, 1, 2)  # noqa: E731  (B, H, W, K, C) -> (B, K, C, H, W) views
         f32 = lambda p: p.to(torch.promote_types(p.dtype, torch.float32))  # noqa: E731  (fp32 at least)
-        y = _cross_selective_scan(
+        y = cross_selective_scan(
             _nchw(x), maps(dts), -f32(self.A_logs).exp(), maps(x_dbl[..., R:R + N]), maps(x_dbl[..., R + N:]),
             f32(self.Ds), f32(self.dt_projs_bias).view(-1), delta_softplus=True)
         return _nhwc(y)
