@@ -16,10 +16,11 @@ channels-last map (channels contiguous at each pixel) is read as whole runs of c
 the column-major directions cost what the row-major ones do.
 
 A program owns one batch row, one direction k and BLOCK_D channels, and walks the sequence in chunks of
-BLOCK_L positions (a loop pipelined NUM_STAGES deep), keeping the (BLOCK_D, N) state in float32 registers. Inside a chunk the linear recurrence
-h_t = a_t h_{t-1} + b_t is an associative scan over the pairs (a_t, b_t) along the chunk; the state entering
-the chunk is added as (prod a) * h_in. The K directions run as separate programs and add their outputs
-into out atomically (so the order of the four-term sum, and its last float32 bit, varies between runs).
+BLOCK_L positions (a loop pipelined NUM_STAGES deep), keeping the (BLOCK_D, N) state in float32 registers.
+Inside a chunk the linear recurrence h_t = a_t h_{t-1} + b_t is an associative scan over the pairs
+(a_t, b_t) along the chunk; the state entering the chunk is added as (prod a) * h_in. The K directions
+run as separate programs and add their outputs into out atomically (so the order of the four-term sum, and
+its last float32 bit, varies between runs).
 Gradients (backward kernel), with lam_t = dL/dh_t:
 
     lam_t      = C_t dy_t + a_{t+1} lam_{t+1}          (a reverse associative scan over (a_{t+1}, C_t dy_t))

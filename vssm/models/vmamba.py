@@ -21,7 +21,8 @@ stages channels-last (B, H, W, C), where every norm is a plain LayerNorm and eve
 last dimension (same parameters, same keys). The depthwise, downsampling and stem convs and the scan take
 (B, C, H, W) views of these channels-last tensors (cuDNN runs channels_last convs; the scan reads any strides),
 so no map is ever transposed in memory. On a GPU the channels-first version spent more time permuting maps
-for LayerNorm2d than in the scan. Features, intermediates and forward_features are returned as (B, C, H, W) like the official model's.
+for LayerNorm2d than in the scan. Features, intermediates and forward_features are returned as (B, C, H, W)
+like the official model's.
 
 The four-direction scan runs through `vssm.kernels.cross_selective_scan`, which reads the map in the four scan
 orders itself and accumulates the merged float32 output: the per-direction projections (x_proj, dt_proj) are
