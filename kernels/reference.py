@@ -36,8 +36,12 @@ def _scan_chunk(h, log_a, bu):
     the chunk where its log-decay leaves float64's exp range, and steps where one position does."""
     T = log_a.shape[-1]
     S = log_a.cumsum(-1)
-    if S.abs().amax() <= _MAX_LOG_RANGE[S.dtype]:
-        return S.exp() * (h[..., None] + (bu * (-S).exp()).cumsum(-1))  # no division: its gradient overflows
+    lo, hi = torch.aminmax(S)
+    if max(-lo, hi) <= _MAX_LOG_RANGE[S.dtype]:
+        E = S.exp()
+        w = bu * S.neg_().exp_()  # exp(-S), in place (no division: its gradient overflows)
+        w[..., 0] += h  # the state entering the chunk, carried by the cumsum
+        return E * w.cumsum(-1)
     if T == 1:
         return (log_a.exp() * h[..., None] + bu)
     first = _scan_chunk(h, log_a[..., :T // 2], bu[..., :T // 2])
