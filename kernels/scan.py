@@ -199,8 +199,7 @@ class _TritonScan(torch.autograd.Function):
             dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        grads = kernels.scan_bwd(dout if hw is not None else dout.contiguous(), dlast, u, delta, A, B, C, D, z,
-                                 delta_bias, delta_softplus, reverse, hw)
+        grads = kernels.scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),

@@ -260,6 +260,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
 
 def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
+    dout = dout.contiguous()  # read at u's (contiguous) offsets
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
     cfg = _config(dim, N, dim // G, backward=True)
