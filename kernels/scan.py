@@ -154,10 +154,13 @@ def _kernels(N, hw):
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
-    """The inputs in the layouts the kernels read: plain scans contiguous rows; the cross-scan every map at its
-    strides (u and delta dense, since their gradients take their strides; B and C sharing strides)."""
-    if hw is None:
+    """The inputs in the layouts the kernels read: the chunked plain scan contiguous rows; the stepped one
+    (N >= 8) every tensor at its strides (it lays B and C out itself); the cross-scan every map at its strides
+    (u and delta dense, since their gradients take their strides; B and C sharing strides)."""
+    if hw is None and A.shape[1] < 8:
         return _contiguous(u, delta, A, B, C, D, z, delta_bias)
+    if hw is None:
+        return (u, delta, *_contiguous(A), B, C, *_contiguous(D), z, *_contiguous(delta_bias))
     u, delta = _dense(u), _dense(delta)
     if B.stride() != C.stride():
         B, C = B.contiguous(), C.contiguous()

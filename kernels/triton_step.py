@@ -1,13 +1,20 @@
 """Triton selective scan, stepped: one position per loop iteration, the state in registers.
 
 For large states (N = 16, Vim and DiffuSSM) this beats the chunked associative scan of ``triton_scan``:
-each program owns BLOCK_D channels x N states of one batch row, and the only serial dependency between
-steps is one multiply-add per state element; each step's inputs are loaded one iteration ahead, so their
-latency overlaps the previous step's arithmetic. The chunked kernels stay in use for N < 8 and for the fused
-cross-scan, where the per-step work is too small.
+each program owns BLOCK_D channels x N states of one batch row, as an (N, BLOCK_D) tile in which every
+thread holds all N states of one channel, so the sums over the states stay inside a thread and the per-channel
+work (softplus, gate) is done once. The only serial dependency between steps is one multiply-add per state
+element; each step's inputs are loaded one iteration ahead, so their latency overlaps the previous step's
+arithmetic. The chunked kernels stay in use for N < 8 and for the fused cross-scan, where the per-step work
+is too small.
 
 Plain scans only (one direction, forward or ``reverse``); shapes as in ``triton_scan`` with K = 1:
-u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,).
+u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,). Every tensor is
+read at its own strides (B and C share theirs; out and the gradients of u, delta and z are laid out in the
+order of u's). The fast
+layout is channels-last: u, delta and z with channels contiguous at each position (a warp then reads whole
+runs of channels per step) and B, C with the N states contiguous (each thread reads its step's N values in
+two vector loads); ``scan_fwd`` copies B and C into that layout when they are not.
 
 Forward, at step t (position p = t, or L - 1 - t when reversed):
 
@@ -18,12 +25,12 @@ Backward walks the steps from the last, with mu = a_{t+1} lam_{t+1} carried from
     lam = C_t dy_t + mu;   du_t = <lam, dt_t B_t> + D dy_t;   ddt_t = <lam, B_t u_t> + <A, lam a_t h_{t-1}>
     dA += dt_t lam a_t h_{t-1};   dB_t, dC_t += sum_d lam dt_t u_t, h_t dy_t;   mu = a_t lam
 
-dB and dC are written as one partial sum per program, (batch, programs along dim, N, L), and summed over the
+dB and dC are written as one partial sum per program, (batch, programs along dim, L, N), and summed over the
 programs afterwards: atomic adds of 48 programs to the same address every step were the backward's
 bottleneck (BENCHMARKS.md).
 
 h_{t-1} is needed in reverse order: the forward pass of the backward writes the state entering every
-CHUNK-step chunk, (batch, dim, L / CHUNK, N); each chunk is then re-run forward into a per-program scratch of
+CHUNK-step chunk, (batch, L / CHUNK, N, dim); each chunk is then re-run forward into a per-program scratch of
 CHUNK states (small enough to stay in L2) and walked backward. No (batch, dim, L, N) tensor is stored.
 """
 import torch
@@ -36,34 +43,29 @@ CHUNK = 16
 
 
 @triton.jit
-def _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n):
-    """u_t, delta_t and B_t at position p, as stored. The kernels load a step's inputs one iteration ahead
-    (software prefetch: the loads of step t+1 are in flight while step t computes)."""
-    return (tl.load(u_ptr + row + p, mask=mask_d, other=0.0), tl.load(delta_ptr + row + p, mask=mask_d, other=0.0),
-            tl.load(B_ptr + bc_row + p, mask=mask_n, other=0.0))
-
-
-@triton.jit
-def _program_tile(A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """This program's batch row b, channels d and states n with their masks, the row offsets of u/z/out
-    and of its B/C group, and its channels' float32 A (dim, N), D and delta_bias (zeros where absent)."""
+def _program_tile(At_ptr, D_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
+                  N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """This program's batch row b, channels d and states n with their masks, the offsets of its channels in
+    u and of its B/C group's states, and its channels' float32 A as an (N, BLOCK_D) tile (read from A
+    transposed, At (N, dim), so that the tile's layout puts channels across threads), D and delta_bias
+    (zeros where absent)."""
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     mask_d, mask_n = d < dim, n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     g = tl.program_id(1) * BLOCK_D // channels_per_group
-    row = (b * dim + d) * L
-    bc_row = ((b * tl.cdiv(dim, channels_per_group) + g) * N + n) * L
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    row = b * su_b + d * su_d
+    bc_row = b * sB_b + g * sB_g + n * sB_n
+    A = tl.load(At_ptr + n[:, None] * dim + d[None, :], mask=mask_nd, other=0.0).to(tl.float32)
     Dd = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dd = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    return b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias
+    return b, d, n, mask_d, mask_n, mask_nd, row, bc_row, A, Dd, bias
 
 
 @triton.jit
@@ -75,75 +77,110 @@ def _time_step(delta, bias, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _scan_fwd_step_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, chunk_state_ptr,
-    dim, L, N, channels_per_group,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_CHUNK_STATES: tl.constexpr,
+    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, chunk_state_ptr,
+    seg_state_ptr, seg_dt_ptr, dim, L, channels_per_group, seg_len,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l, so_b, so_d, so_l,
+    N: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_CHUNK_STATES: tl.constexpr, SUMMARY: tl.constexpr,
+    COMPOSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """out (batch, dim, L) and the last state (batch, dim, N); or only the chunk-entry states."""
-    b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias = _program_tile(
-        A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    """Program (b, channel block, segment) walks the steps of its segment, [s * seg_len, (s + 1) * seg_len).
+
+    SUMMARY: from a zero state; writes the segment's end state (batch, segments, N, dim) and its summed dt
+    (batch, segments, dim), so that exp(A sum dt) carries a state across it. Otherwise (COMPOSE: after a
+    SUMMARY launch) the state entering the segment is composed from the summaries of the segments before it;
+    then the walk writes out (batch, dim, L) at strides so_* and the last state (batch, dim, N), or only the
+    chunk-entry states (batch, L / CHUNK, N, dim)."""
+    b, d, n, mask_d, mask_n, mask_nd, row, bc_row, A, Dd, bias = _program_tile(
+        At_ptr, D_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    dt_row, z_row, out_row = b * sdt_b + d * sdt_d, b * sz_b + d * sz_d, b * so_b + d * so_d
     A = A * LOG2E
-    state_row = (b * dim + d[:, None]) * tl.cdiv(L, CHUNK)
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    p = tl.full((), 0, tl.int32) + (L - 1 if REVERSE else 0)  # a tensor: it is carried through the loop
-    nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
+    seg, n_seg = tl.program_id(2), tl.num_programs(2)
+    t_begin = seg * seg_len
+    t_end = tl.minimum(L, t_begin + seg_len)
+    seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]  # segment 0's summary state
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if COMPOSE:
+        for s in range(seg):  # compose the state entering this segment
+            dt_sum = tl.load(seg_dt_ptr + (b * n_seg + s) * dim + d, mask=mask_d, other=0.0)
+            h = tl.exp2(dt_sum[None, :] * A) * h + tl.load(seg_state_ptr + seg_row + s * N * dim, mask=mask_nd,
+                                                           other=0.0)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    state = (b * tl.cdiv(L, CHUNK) * N + n[:, None]) * dim + d[None, :]  # offset of the first chunk's state
+    p = t_begin + 0 if not REVERSE else L - 1 - t_begin  # the position of step t
+    nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+    nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+    nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
     nC, nz = nB, nu  # placeholders where C or z is not read
     if WRITE_OUT:
-        nC = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0)
+        nC = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
         if HAS_Z:
-            nz = tl.load(z_ptr + row + p, mask=mask_d, other=0.0)
-    for t in range(L):
+            nz = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
+    for t in range(t_begin, t_end):
         if WRITE_CHUNK_STATES:
             if t % CHUNK == 0:
-                tl.store(chunk_state_ptr + (state_row + t // CHUNK) * N + n[None, :], h, mask=mask_dn)
+                tl.store(chunk_state_ptr + state + (t // CHUNK) * N * dim, h, mask=mask_nd)
         u, delta, Bt, Ct, zt = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32), nz.to(tl.float32)
         q = L - 2 - t if REVERSE else t + 1  # the next step's position
-        more = t + 1 < L  # a scalar condition, applied with tl.where (Triton 3.9's interpreter turns bool & bool into int32)
+        more = t + 1 < t_end  # a scalar condition, applied with tl.where (Triton 3.9's interpreter turns bool & bool into int32)
         more_d, more_n = tl.where(more, mask_d, False), tl.where(more, mask_n, False)
-        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
+        nu = tl.load(u_ptr + row + q * su_l, mask=more_d, other=0.0)
+        nd = tl.load(delta_ptr + dt_row + q * sdt_l, mask=more_d, other=0.0)
+        nB = tl.load(B_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
         if WRITE_OUT:
-            nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
+            nC = tl.load(C_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
             if HAS_Z:
-                nz = tl.load(z_ptr + row + q, mask=more_d, other=0.0)
+                nz = tl.load(z_ptr + z_row + q * sz_l, mask=more_d, other=0.0)
         _, dt = _time_step(delta, bias, SOFTPLUS)
-        h = tl.exp2(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        if SUMMARY:
+            dt_sum += dt
+        h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
         if WRITE_OUT:
-            y = tl.sum(h * Ct[None, :], axis=1)
+            y = tl.sum(h * Ct[:, None], axis=0)
             if HAS_D:
                 y += Dd * u
             if HAS_Z:
                 y *= zt * tl.sigmoid(zt)
-            tl.store(out_ptr + row + p, y, mask=mask_d)
+            tl.store(out_ptr + out_row + p * so_l, y, mask=mask_d)
         p = q
+    if SUMMARY:
+        tl.store(seg_state_ptr + seg_row + seg * N * dim, h, mask=mask_nd)
+        tl.store(seg_dt_ptr + (b * n_seg + seg) * dim + d, dt_sum, mask=mask_d)
     if WRITE_OUT:
-        tl.store(last_ptr + (b * dim + d[:, None]) * N + n[None, :], h, mask=mask_dn)
+        tl.store(last_ptr + (b * dim + d[None, :]) * N + n[:, None], h, mask=tl.where(seg == n_seg - 1, mask_nd, False))
 
 
 @triton.jit
 def _scan_bwd_step_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, chunk_state_ptr,
-    scratch_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    dim, L, N, channels_per_group,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, chunk_state_ptr,
+    scratch_ptr, du_ptr, ddelta_ptr, dAt_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    dim, L, channels_per_group,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l, so_b, so_d, so_l,
+    sdo_b, sdo_d, sdo_l,
+    N: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Gradients of the stepped forward, from the chunk-entry states; scratch holds one chunk's states."""
-    b, d, n, mask_d, mask_n, mask_dn, row, bc_row, A, Dd, bias = _program_tile(
-        A_ptr, D_ptr, bias_ptr, dim, L, N, channels_per_group, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    """Gradients of the stepped forward, from the chunk-entry states; scratch holds one chunk's states. du,
+    ddelta and dz are written at strides so_*; dA is accumulated transposed, (N, dim) like At."""
+    b, d, n, mask_d, mask_n, mask_nd, row, bc_row, A, Dd, bias = _program_tile(
+        At_ptr, D_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    dt_row, z_row, do_row = b * sdt_b + d * sdt_d, b * sz_b + d * sz_d, b * sdo_b + d * sdo_d
+    g_row = b * so_b + d * so_d  # du, ddelta, dz
     A2 = A * LOG2E
     n_chunks = tl.cdiv(L, CHUNK)
-    state_row = (b * dim + d[:, None]) * n_chunks
-    part_row = ((b * tl.num_programs(1) + tl.program_id(1)) * N + n) * L  # this program's dB, dC partials
-    tile = d[:, None] * BLOCK_N + n[None, :] - tl.program_id(1) * BLOCK_D * BLOCK_N
+    state = chunk_state_ptr + (b * n_chunks * N + n[:, None]) * dim + d[None, :]
+    part = ((b * tl.num_programs(1) + tl.program_id(1)) * L) * N + n  # this program's dB, dC partials (L, N)
+    tile = n[:, None] * BLOCK_D + d[None, :] - tl.program_id(1) * BLOCK_D
     scratch = scratch_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * CHUNK * BLOCK_D * BLOCK_N + tile
 
-    mu = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} * lam_{t+1}
+    mu = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * lam_{t+1}
     if HAS_DLAST:
-        mu = tl.load(dlast_ptr + (b * dim + d[:, None]) * N + n[None, :], mask=mask_dn, other=0.0)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        mu = tl.load(dlast_ptr + (b * dim + d[None, :]) * N + n[:, None], mask=mask_nd, other=0.0)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(n_chunks):
@@ -151,26 +188,32 @@ def _scan_bwd_step_kernel(
         t0 = chunk * CHUNK
         steps = tl.minimum(CHUNK, L - t0)
         # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
-        h = tl.load(chunk_state_ptr + (state_row + chunk) * N + n[None, :], mask=mask_dn, other=0.0)
+        h = tl.load(state + chunk * N * dim, mask=mask_nd, other=0.0)
         p = L - 1 - t0 if REVERSE else t0
-        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
+        nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+        nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+        nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
         for j in range(steps):
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
             u, delta, Bt = nu.to(tl.float32), nd, nB.to(tl.float32)
             p = L - 2 - (t0 + j) if REVERSE else t0 + j + 1
             more = j + 1 < steps
-            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, tl.where(more, mask_d, False),
-                                    tl.where(more, mask_n, False))
+            more_d, more_n = tl.where(more, mask_d, False), tl.where(more, mask_n, False)
+            nu = tl.load(u_ptr + row + p * su_l, mask=more_d, other=0.0)
+            nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=more_d, other=0.0)
+            nB = tl.load(B_ptr + bc_row + p * sB_l, mask=more_n, other=0.0)
             _, dt = _time_step(delta, bias, SOFTPLUS)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
         # walk it backward
         p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
-        nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, p, mask_d, mask_n)
-        nC = tl.load(C_ptr + bc_row + p, mask=mask_n, other=0.0)
-        ndy = tl.load(dout_ptr + row + p, mask=mask_d, other=0.0)
+        nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+        nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+        nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+        nC = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+        ndy = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
         nz = ndy  # placeholder where there is no z
         if HAS_Z:
-            nz = tl.load(z_ptr + row + p, mask=mask_d, other=0.0)
+            nz = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
         nh = tl.load(scratch + (steps - 1) * BLOCK_D * BLOCK_N)
         for jj in range(steps):
             j = steps - 1 - jj
@@ -178,43 +221,44 @@ def _scan_bwd_step_kernel(
             dy, zt, h_prev = ndy.to(tl.float32), nz.to(tl.float32), nh
             q = L - 1 - (t0 + j - 1) if REVERSE else t0 + j - 1  # the next (earlier) step's position
             more_d, more_n = tl.where(j > 0, mask_d, False), tl.where(j > 0, mask_n, False)
-            nu, nd, nB = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, q, more_d, more_n)
-            nC = tl.load(C_ptr + bc_row + q, mask=more_n, other=0.0)
-            ndy = tl.load(dout_ptr + row + q, mask=more_d, other=0.0)
+            nu = tl.load(u_ptr + row + q * su_l, mask=more_d, other=0.0)
+            nd = tl.load(delta_ptr + dt_row + q * sdt_l, mask=more_d, other=0.0)
+            nB = tl.load(B_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
+            nC = tl.load(C_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
+            ndy = tl.load(dout_ptr + do_row + q * sdo_l, mask=more_d, other=0.0)
             if HAS_Z:
-                nz = tl.load(z_ptr + row + q, mask=more_d, other=0.0)
+                nz = tl.load(z_ptr + z_row + q * sz_l, mask=more_d, other=0.0)
             nh = tl.load(scratch + tl.maximum(j - 1, 0) * BLOCK_D * BLOCK_N)
             dt_raw, dt = _time_step(delta, bias, SOFTPLUS)
-            a = tl.exp2(dt[:, None] * A2)
+            a = tl.exp2(dt[None, :] * A2)
             a_h = a * h_prev
-            h = a_h + (dt * u)[:, None] * Bt[None, :]
+            h = a_h + Bt[:, None] * (dt * u)[None, :]
             if HAS_Z:
                 sig = tl.sigmoid(zt)
-                y = tl.sum(h * Ct[None, :], axis=1)
+                y = tl.sum(h * Ct[:, None], axis=0)
                 if HAS_D:
                     y += Dd * u
-                tl.store(dz_ptr + row + p, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=mask_d)
+                tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=mask_d)
                 dy = dy * zt * sig
-            lam = Ct[None, :] * dy[:, None] + mu
-            lam = tl.where(mask_dn, lam, 0.0)
-            lam_dt = lam * dt[:, None]
-            tl.store(dB_ptr + part_row + p, tl.sum(lam_dt * u[:, None], axis=0), mask=mask_n)
-            tl.store(dC_ptr + part_row + p, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
-            du = tl.sum(lam_dt * Bt[None, :], axis=1)
+            lam = Ct[:, None] * dy[None, :] + mu  # zero outside the tile: dy, C and mu are loaded as zeros there
+            lam_dt = lam * dt[None, :]
+            tl.store(dB_ptr + part + p * N, tl.sum(lam_dt * u[None, :], axis=1), mask=mask_n)
+            tl.store(dC_ptr + part + p * N, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
+            du = tl.sum(lam_dt * Bt[:, None], axis=0)
             if HAS_D:
                 du += Dd * dy
                 dD_acc += dy * u
-            tl.store(du_ptr + row + p, du, mask=mask_d)
+            tl.store(du_ptr + g_row + p * so_l, du, mask=mask_d)
             lam_ah = lam * a_h
-            dA_acc += lam_ah * dt[:, None]
-            ddt = tl.sum(lam * Bt[None, :] * u[:, None] + lam_ah * A, axis=1)
+            dA_acc += lam_ah * dt[None, :]
+            ddt = tl.sum(lam * Bt[:, None] * u[None, :] + lam_ah * A, axis=0)
             if SOFTPLUS:
                 ddt *= tl.sigmoid(dt_raw)
             dbias_acc += tl.where(mask_d, ddt, 0.0)
-            tl.store(ddelta_ptr + row + p, ddt, mask=mask_d)
+            tl.store(ddelta_ptr + g_row + p * so_l, ddt, mask=mask_d)
             mu = a * lam
             p = q
-    tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA_acc, mask=mask_dn)
+    tl.atomic_add(dAt_ptr + n[:, None] * dim + d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
         tl.atomic_add(dD_ptr + d, dD_acc, mask=mask_d)
     if HAS_BIAS:
@@ -225,9 +269,9 @@ def _scan_bwd_step_kernel(
 # launch wrappers, with the signatures of triton_scan's (plain scans only: hw must be None)
 # ---------------------------------------------------------------------------------------------------------
 def _config(dim, N, channels_per_group, backward=False):
-    """16 channels x N states per program on two warps forward, 32 backward (from a sweep on an H100,
-    BENCHMARKS.md)."""
-    block_d, warps = (32, 2) if backward else (16, 2)
+    """32 channels per program on one warp, each thread holding the N states of one channel (from a sweep
+    on an H100, BENCHMARKS.md)."""
+    block_d, warps = (32, 1) if backward else (32, 1)
     block_d = min(block_d, triton.next_power_of_2(dim))
     if channels_per_group % dim:
         block_d = min(block_d, channels_per_group & -channels_per_group)
@@ -239,49 +283,89 @@ def _flags(D, z, delta_bias, delta_softplus, reverse):
                 SOFTPLUS=delta_softplus)
 
 
+def _states_last(B):
+    """B (batch, G, N, L) with its N states contiguous at each position (a view, or a copy laid out so)."""
+    return B if B.stride(2) == 1 else B.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def _strides(u, delta, z, B, out):
+    return (*u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *B.stride(),
+            *out.stride())
+
+
+def _dense_like(t, dtype=None):
+    """An empty dense tensor of t's shape whose dimensions are laid out in the order of t's strides (t itself
+    may have gaps, e.g. one half of a projection's channels)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    out = torch.empty([t.shape[i] for i in order], device=t.device, dtype=dtype or t.dtype)
+    return out.permute([order.index(i) for i in range(t.dim())])
+
+
+def _segments(programs, L):
+    """Steps per segment: enough segments for about 1536 one-warp programs (a batch of 32 at 1248 px has
+    only 384 channel blocks), each a whole number of the backward's chunks and at least 4 of them."""
+    n_seg = max(1, min(triton.cdiv(1536, programs), triton.cdiv(L, 4 * CHUNK)))
+    return triton.cdiv(triton.cdiv(L, n_seg), CHUNK) * CHUNK
+
+
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
              write_last=False, write_chunk_states=False):
+    """Forward launch: every input at its own strides; out dense, its dimensions in the order of u's strides.
+    With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
+    B, C = _states_last(B), _states_last(C)
+    C = C if C.stride() == B.stride() else _states_last(C.contiguous())
     cfg = _config(dim, N, dim // G)
+    f32 = dict(device=u.device, dtype=torch.float32)
     out = last = states = None
     if write_chunk_states:
-        states = torch.empty(batch, dim, triton.cdiv(L, CHUNK), N, device=u.device, dtype=torch.float32)
+        states = torch.empty(batch, triton.cdiv(L, CHUNK), N, dim, **f32)
     else:
-        out = torch.empty(batch, dim, L, device=u.device, dtype=out_dtype or u.dtype)
-        last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-    _scan_fwd_step_kernel[grid](u, delta, A, B, C, D, z, delta_bias, out, last, states, dim, L, N, dim // G,
-                                WRITE_OUT=out is not None, WRITE_CHUNK_STATES=write_chunk_states,
-                                **_flags(D, z, delta_bias, delta_softplus, reverse), **cfg)
+        out = _dense_like(u, out_dtype)
+        last = torch.empty(batch, dim, N, **f32)
+    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L)
+    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(L, seg_len))
+    seg_states = torch.empty(batch, grid[2], N, dim, **f32) if grid[2] > 1 else None
+    seg_dt = torch.empty(batch, grid[2], dim, **f32) if grid[2] > 1 else None
+    args = (u, delta, A.t().contiguous(), B, C, D, z, delta_bias, out, last, states, seg_states, seg_dt, dim, L,
+            dim // G, seg_len, *_strides(u, delta, z, B, out if out is not None else u))
+    flags = dict(N=N, **_flags(D, z, delta_bias, delta_softplus, reverse), **cfg)
+    if grid[2] > 1:
+        _scan_fwd_step_kernel[grid](*args, WRITE_OUT=False, WRITE_CHUNK_STATES=False, SUMMARY=True,
+                                    COMPOSE=False, **flags)
+    _scan_fwd_step_kernel[grid](*args, WRITE_OUT=out is not None, WRITE_CHUNK_STATES=write_chunk_states,
+                                SUMMARY=False, COMPOSE=grid[2] > 1, **flags)
     return out, last, states
 
 
 def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); du, ddelta and dz laid out like the forward's
+    out, dB and dC with their N states contiguous. dout may have any strides."""
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
-    dout = dout.contiguous()  # read at u's (contiguous) offsets
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
+    B, C = _states_last(B), _states_last(C)
+    C = C if C.stride() == B.stride() else _states_last(C.contiguous())
     cfg = _config(dim, N, dim // G, backward=True)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     scratch = torch.empty(batch * grid[1] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], device=u.device,
                           dtype=torch.float32)
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dA = torch.zeros(A.shape, **f32)
-    dB_parts = torch.empty(batch, grid[1], N, L, **f32)
-    dC_parts = torch.empty(batch, grid[1], N, L, **f32)
+    du, ddelta = _dense_like(u), _dense_like(u, delta.dtype)
+    dAt = torch.zeros(N, dim, **f32)
+    dB_parts = torch.empty(batch, grid[1], L, N, **f32)
+    dC_parts = torch.empty(batch, grid[1], L, N, **f32)
     dD = torch.zeros(D.shape, **f32) if D is not None else None
-    dz = torch.empty_like(z) if z is not None else None
+    dz = _dense_like(u, z.dtype) if z is not None else None
     dbias = torch.zeros(delta_bias.shape, **f32) if delta_bias is not None else None
-    _scan_bwd_step_kernel[grid](u, delta, A, B, C, D, z, delta_bias, dout, dlast, states, scratch,
-                                du, ddelta, dA, dB_parts, dC_parts, dD, dz, dbias, dim, L, N, dim // G,
-                                HAS_DLAST=dlast is not None, **_flags(D, z, delta_bias, delta_softplus, reverse),
-                                **cfg)
+    _scan_bwd_step_kernel[grid](u, delta, A.t().contiguous(), B, C, D, z, delta_bias, dout, dlast, states, scratch,
+                                du, ddelta, dAt, dB_parts, dC_parts, dD, dz, dbias, dim, L, dim // G,
+                                *_strides(u, delta, z, B, du), *dout.stride(), N=N, HAS_DLAST=dlast is not None,
+                                **_flags(D, z, delta_bias, delta_softplus, reverse), **cfg)
     # programs of one group are consecutive along dim (a block never straddles two groups)
-    dB = dB_parts.view(batch, G, grid[1] // G, N, L).sum(2)
-    dC = dC_parts.view(batch, G, grid[1] // G, N, L).sum(2)
-    return du, ddelta, dA, dB, dC, dD, dz, dbias
+    dB = dB_parts.view(batch, G, grid[1] // G, L, N).sum(2).transpose(2, 3)
+    dC = dC_parts.view(batch, G, grid[1] // G, L, N).sum(2).transpose(2, 3)
+    return du, ddelta, dAt.t(), dB, dC, dD, dz, dbias

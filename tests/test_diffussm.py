@@ -113,14 +113,15 @@ def test_block_matches_paper_equations(M, adaln_gate):
 
 
 def test_bissm_reverse_scan_equals_flips():
-    """reverse=True (no copies) against flip -> forward scan -> flip: outputs and every gradient."""
+    """reverse=True (no copies) against flip -> forward scan -> flip: outputs and every gradient; channels-last
+    (batch, L, D) in, (batch, L, 2D) out."""
     torch.manual_seed(0)
     ssm = randomize(BiSSM(12, d_state=4), seed=4).double()
-    u = torch.randn(2, 12, 17, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 24, 17, dtype=torch.float64)
+    u = torch.randn(2, 17, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 17, 24, dtype=torch.float64)
     out = ssm(u)
-    assert out.shape == (2, 24, 17)
-    ref = bissm_with_flips(ssm, u)
+    assert out.shape == (2, 17, 24)
+    ref = bissm_with_flips(ssm, u.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
     grads = torch.autograd.grad((out * w).sum(), [u, *ssm.parameters()])
     grads_ref = torch.autograd.grad((ref * w).sum(), [u, *ssm.parameters()])
@@ -129,9 +130,9 @@ def test_bissm_reverse_scan_equals_flips():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     # the backward half really runs right-to-left: the last position of y_b sees only the last input
     v = u.detach().clone()
-    v[..., 0] += 1.0
-    assert torch.equal(ssm(v)[:, 12:, -1], out[:, 12:, -1].detach())
-    assert not torch.equal(ssm(v)[:, :12, -1], out[:, :12, -1].detach())
+    v[:, 0] += 1.0
+    assert torch.equal(ssm(v)[:, -1, 12:], out[:, -1, 12:].detach())
+    assert not torch.equal(ssm(v)[:, -1, :12], out[:, -1, :12].detach())
 
 
 def test_tokens_group_adjacent_pixels():

@@ -116,6 +116,7 @@ TRITON_GRID = [
     (torch.float32, 257, False, 0, True, 16),
     (torch.float32, 100, True, 2, False, 16),
     (torch.bfloat16, 40, False, 2, True, 16),
+    (torch.float32, 33, True, 0, True, 12),  # N below its power-of-two block
 ]
 
 
@@ -259,7 +260,7 @@ def test_cross_selective_scan_channels_last(backend, dtype, N, hw):
 @pytest.mark.parametrize("N", [2, 16])
 def test_triton_backward_takes_strided_output_gradients(N):
     """The output gradient arrives transposed (not contiguous): the chunked kernels (N = 2) read it at its
-    strides, the stepped ones (N = 16) copy it; both give the truth's gradients."""
+    strides, and so do the stepped ones (N = 16); both give the truth's gradients."""
     inputs = make_inputs(2, 8, N, 37, 0, torch.float32, DEVICE)
     weight = torch.randn(37, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     y = selective_scan(**inputs, delta_softplus=True, backend="triton")
@@ -269,6 +270,36 @@ def test_triton_backward_takes_strided_output_gradients(N):
     grads_truth = torch.autograd.grad((truth.transpose(1, 2) * weight.double()).sum(), [inputs[k] for k in present])
     for name, g, gt in zip(present, grads, grads_truth):
         assert rel_err(g, gt) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_stepped_channels_last_views(reverse):
+    """The layout Vim passes: u, delta and z as (batch, dim, L) views of channels-last (batch, L, ...) tensors
+    (z and u not dense: halves of one projection), B and C as views of one (batch, L, R + 2N) projection with
+    their states contiguous. Same truth, forward and every gradient."""
+    batch, dim, N, L, R = 2, 40, 16, 29, 3
+    g = torch.Generator().manual_seed(5)
+    xz = torch.randn(batch, L, 2 * dim, generator=g).to(DEVICE).requires_grad_()
+    proj = torch.randn(batch, L, R + 2 * N, generator=g).to(DEVICE).requires_grad_()
+    delta = (torch.randn(batch, L, dim, generator=g) * 0.5 - 1).to(DEVICE).requires_grad_()
+    params = dict(A=-torch.rand(dim, N, generator=g) * N - 0.2, D=torch.randn(dim, generator=g),
+                  delta_bias=torch.randn(dim, generator=g) * 0.5)
+    params = {k: v.to(DEVICE).requires_grad_() for k, v in params.items()}
+
+    def views():
+        u, z = xz.transpose(1, 2).chunk(2, dim=1)
+        return dict(u=u, z=z, delta=delta.transpose(1, 2), B=proj[..., R:R + N].transpose(1, 2),
+                    C=proj[..., R + N:].transpose(1, 2), **params)
+
+    leaves = [xz, proj, delta, *params.values()]
+    y = selective_scan(**views(), delta_softplus=True, reverse=reverse, backend="triton")
+    truth, _ = loop_scan(**views(), delta_softplus=True, reverse=reverse)
+    assert rel_err(y, truth) < TOL[torch.float32]
+    gy = torch.randn(y.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    grads_truth = torch.autograd.grad((truth * gy.double()).sum(), leaves)
+    for name, gr, gt in zip(["xz", "proj", "delta", *params], grads, grads_truth):
+        assert rel_err(gr, gt) < TOL[torch.float32], name
 
 
 @pytest.mark.parametrize("N,last", [(1, True), (16, True), (2, False)])

@@ -101,8 +101,8 @@ class LabelEmbedder(nn.Module):
 
 
 class BiSSM(nn.Module):
-    """The paper's Bidirectional-SSM: (batch, D, L) -> (batch, 2D, L), the forward scan's output in channels
-    [0, D) and the backward scan's in [D, 2D).
+    """The paper's Bidirectional-SSM, channels-last: (batch, L, D) -> (batch, L, 2D), the forward scan's output
+    in channels [0, D) and the backward scan's in [D, 2D).
 
     Why not vim.BiMamba: it is a whole Mamba mixer (in/out projections, convolutions, z gate, averaged
     directions); here the hourglass supplies the projections and the gate, and the paper keeps both directions (2D
@@ -131,7 +131,7 @@ class BiSSM(nn.Module):
     def forward(self, u):
         y = ssm_direction(u, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state)
         y_b = ssm_direction(u, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, self.d_state, reverse=True)
-        return torch.cat([y, y_b], dim=1)
+        return torch.cat([y, y_b], dim=-1)
 
 
 class DiffuSSMBlock(nn.Module):
@@ -166,11 +166,11 @@ class DiffuSSMBlock(nn.Module):
         batch, J, D = h.shape
         M = self.downscale_ratio
         a = self.act(self.proj_in(h))
-        # U[b, :, M*j + k] = act(W^up_k a[b, j]); einsum lays it out channel-first for the scans
-        u = self.act(torch.einsum("bjd,ked->bejk", a, self.up_weight) + self.up_bias.t()[:, None, :])
-        y = self.ssm(u.reshape(batch, D, J * M))  # (batch, 2D, L)
-        # I'[b, j, k-th 2D/M slice] = act(W^down_k Y[b, :, M*j + k])
-        i2 = self.act(torch.einsum("bcjk,koc->bjko", y.view(batch, 2 * D, J, M), self.down_weight) + self.down_bias)
+        # U[b, M*j + k] = act(W^up_k a[b, j]), channels-last for the scans
+        u = self.act(torch.einsum("bjd,ked->bjke", a, self.up_weight) + self.up_bias)
+        y = self.ssm(u.reshape(batch, J * M, D))  # (batch, L, 2D)
+        # I'[b, j, k-th 2D/M slice] = act(W^down_k Y[b, M*j + k])
+        i2 = self.act(torch.einsum("bjkc,koc->bjko", y.view(batch, J, M, 2 * D), self.down_weight) + self.down_bias)
         return self.proj_out(self.act(self.fc_ssm(i2.reshape(batch, J, 2 * D))) * self.act(self.fc_skip(h)))
 
     def forward(self, x, c):

@@ -94,22 +94,22 @@ class BiMamba(nn.Module):
             dt_proj.bias._no_reinit = True
 
     def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
-        """One direction's conv + selective scan on x, z (batch, d_inner, L); returns (batch, d_inner, L)."""
-        k, L = conv1d.weight.shape[-1], x.shape[-1]
-        if reverse:  # anti-causal: position t sees t .. t+k-1, the causal conv of the flipped sequence
-            x = F.conv1d(x, conv1d.weight.flip(-1), conv1d.bias, padding=k - 1, groups=self.d_inner)[..., k - 1:]
-        else:
-            x = F.conv1d(x, conv1d.weight, conv1d.bias, padding=k - 1, groups=self.d_inner)[..., :L]
-        x = F.silu(x)  # contiguous again
+        """One direction's conv + selective scan on channels-last x, z (batch, L, d_inner); returns the same.
+        The depthwise conv runs channels-first (cuDNN's channels-last depthwise conv was 7x slower on an H100,
+        BENCHMARKS.md); the SiLU's output is laid out channels-last again for the scan (one copy)."""
+        k, L = conv1d.weight.shape[-1], x.shape[1]
+        # anti-causal when reversed: position t sees t .. t+k-1, the causal conv of the flipped sequence
+        weight = conv1d.weight.flip(-1) if reverse else conv1d.weight
+        x = F.conv1d(x.transpose(1, 2), weight, conv1d.bias, padding=k - 1, groups=self.d_inner)
+        x = F.silu(x[..., k - 1:] if reverse else x[..., :L]).transpose(1, 2).contiguous()  # (batch, L, d_inner)
         return ssm_direction(x, x_proj, dt_proj, A_log, D, self.d_state, z=z, reverse=reverse)
 
     def forward(self, tokens):
-        x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
-        z = z.contiguous()  # the gate of both directions: one copy for the scans instead of two
+        x, z = self.in_proj(tokens).chunk(2, dim=-1)  # (batch, L, d_inner) each, read in place by the scans
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
         y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
                               reverse=True)
-        return self.out_proj(((y + y_b) / 2).transpose(1, 2))
+        return self.out_proj((y + y_b) / 2)
 
 
 class Block(nn.Module):
