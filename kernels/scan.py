@@ -144,35 +144,30 @@ def _dense(t):
     return t
 
 
-def _kernels(N, hw):
-    """The stepped kernels for plain scans with large states, the chunked ones otherwise (BENCHMARKS.md)."""
-    if hw is None and N >= 8:
-        from . import triton_step
-        return triton_step
-    from . import triton_scan
-    return triton_scan
-
-
 def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
-    """The inputs in the layouts the kernels read: the chunked plain scan contiguous rows; the stepped one
-    (N >= 8) every tensor at its strides (it lays B and C out itself); the cross-scan every map at its strides
-    (u and delta dense, since their gradients take their strides; B and C sharing strides)."""
-    if hw is None and A.shape[1] < 8:
-        return _contiguous(u, delta, A, B, C, D, z, delta_bias)
+    """The kernels for these inputs and the inputs in the layouts they read. Plain scans with large states run
+    the stepped kernels (BENCHMARKS.md), every tensor at its strides except B and C, which get their states
+    contiguous; other plain scans the chunked kernels on contiguous rows; the cross-scan the chunked kernels,
+    every map at its strides (u and delta dense, since their gradients take their strides; B and C sharing
+    strides)."""
+    if hw is None and A.shape[1] >= 8:
+        from . import triton_step
+        return triton_step, (u, delta, *_contiguous(A), *triton_step.states_last(B, C), *_contiguous(D), z,
+                             *_contiguous(delta_bias))
+    from . import triton_scan
     if hw is None:
-        return (u, delta, *_contiguous(A), B, C, *_contiguous(D), z, *_contiguous(delta_bias))
+        return triton_scan, _contiguous(u, delta, A, B, C, D, z, delta_bias)
     u, delta = _dense(u), _dense(delta)
     if B.stride() != C.stride():
         B, C = B.contiguous(), C.contiguous()
     A, D, delta_bias = _contiguous(A, D, delta_bias)
-    return u, delta, A, B, C, D, z, delta_bias
+    return triton_scan, (u, delta, A, B, C, D, z, delta_bias)
 
 
 def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype, write_last):
     """Forward only (no autograd graph): what inference calls, sparing the autograd.Function's overhead."""
-    inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
-    out, last, _ = _kernels(A.shape[1], hw).scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype,
-                                                     write_last=write_last)
+    kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
+    out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype, write_last=write_last)
     return out, last
 
 
@@ -185,8 +180,7 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
-        inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
-        kernels = _kernels(A.shape[1], hw)
+        kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
         out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype,
                                         write_last=True)
         ctx.save_for_backward(*inputs)

@@ -10,11 +10,10 @@ is too small.
 
 Plain scans only (one direction, forward or ``reverse``); shapes as in ``triton_scan`` with K = 1:
 u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,). Every tensor is
-read at its own strides (B and C share theirs; out and the gradients of u, delta and z are laid out in the
-order of u's). The fast
-layout is channels-last: u, delta and z with channels contiguous at each position (a warp then reads whole
-runs of channels per step) and B, C with the N states contiguous (each thread reads its step's N values in
-two vector loads); ``scan_fwd`` copies B and C into that layout when they are not.
+read at its own strides (B and C share theirs, with the N states contiguous: ``states_last`` lays them out so;
+out and the gradients of u, delta and z are laid out in the order of u's). The fast layout is channels-last:
+u, delta and z with channels contiguous at each position (a warp then reads whole runs of channels per step),
+and each thread reads its step's N values of B and C in two vector loads.
 
 Forward, at step t (position p = t, or L - 1 - t when reversed):
 
@@ -109,7 +108,7 @@ def _scan_fwd_step_kernel(
                                                            other=0.0)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     state = (b * tl.cdiv(L, CHUNK) * N + n[:, None]) * dim + d[None, :]  # offset of the first chunk's state
-    p = t_begin + 0 if not REVERSE else L - 1 - t_begin  # the position of step t
+    p = L - 1 - t_begin if REVERSE else t_begin  # the position of step t
     nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
     nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
     nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
@@ -268,10 +267,10 @@ def _scan_bwd_step_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # launch wrappers, with the signatures of triton_scan's (plain scans only: hw must be None)
 # ---------------------------------------------------------------------------------------------------------
-def _config(dim, N, channels_per_group, backward=False):
-    """32 channels per program on one warp, each thread holding the N states of one channel (from a sweep
-    on an H100, BENCHMARKS.md)."""
-    block_d, warps = (32, 1) if backward else (32, 1)
+def _config(dim, N, channels_per_group):
+    """32 channels per program on one warp, each thread holding the N states of one channel, forward and
+    backward (from a sweep on an H100, BENCHMARKS.md)."""
+    block_d, warps = 32, 1
     block_d = min(block_d, triton.next_power_of_2(dim))
     if channels_per_group % dim:
         block_d = min(block_d, channels_per_group & -channels_per_group)
@@ -283,9 +282,12 @@ def _flags(D, z, delta_bias, delta_softplus, reverse):
                 SOFTPLUS=delta_softplus)
 
 
-def _states_last(B):
-    """B (batch, G, N, L) with its N states contiguous at each position (a view, or a copy laid out so)."""
-    return B if B.stride(2) == 1 else B.transpose(2, 3).contiguous().transpose(2, 3)
+def states_last(B, C):
+    """B and C (batch, G, N, L) sharing strides with their N states contiguous at each position: the inputs as
+    they are where they already do (e.g. views of one (batch, L, 2N) projection), else copies laid out so."""
+    if B.stride(2) == 1 and B.stride() == C.stride():
+        return B, C
+    return [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (B, C)]
 
 
 def _strides(u, delta, z, B, out):
@@ -310,13 +312,12 @@ def _segments(programs, L):
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
              write_last=False, write_chunk_states=False):
-    """Forward launch: every input at its own strides; out dense, its dimensions in the order of u's strides.
+    """Forward launch: every input at its own strides (B and C as ``states_last`` gives them); out dense, its
+    dimensions in the order of u's strides.
     With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
-    B, C = _states_last(B), _states_last(C)
-    C = C if C.stride() == B.stride() else _states_last(C.contiguous())
     cfg = _config(dim, N, dim // G)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = last = states = None
@@ -346,9 +347,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
     G, N = B.shape[1], B.shape[2]
-    B, C = _states_last(B), _states_last(C)
-    C = C if C.stride() == B.stride() else _states_last(C.contiguous())
-    cfg = _config(dim, N, dim // G, backward=True)
+    cfg = _config(dim, N, dim // G)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     scratch = torch.empty(batch * grid[1] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], device=u.device,

@@ -302,6 +302,23 @@ def test_triton_stepped_channels_last_views(reverse):
         assert rel_err(gr, gt) < TOL[torch.float32], name
 
 
+def test_triton_stepped_B_and_C_in_different_layouts():
+    """B a states-contiguous view of a wider projection, C an ordinary (batch, N, L) tensor: the kernels read
+    both at one set of strides, so they must be given a common layout (the truth, forward and gradients)."""
+    inputs = make_inputs(2, 8, 16, 23, 0, torch.float32, DEVICE)
+    wide = torch.randn(2, 23, 40, generator=torch.Generator().manual_seed(7)).to(DEVICE).requires_grad_()
+    inputs["B"] = wide[..., 5:21].transpose(1, 2)
+    y = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    truth, _ = loop_scan(**inputs, delta_softplus=True)
+    assert rel_err(y, truth) < TOL[torch.float32]
+    leaves = [wide, inputs["C"], inputs["u"]]
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    grads_truth = torch.autograd.grad((truth * gy.double()).sum(), leaves)
+    for name, gr, gt in zip(["B's projection", "C", "u"], grads, grads_truth):
+        assert rel_err(gr, gt) < TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("N,last", [(1, True), (16, True), (2, False)])
 def test_triton_inference_path(N, last):
     """Without gradients the kernels run outside autograd (less launch overhead): same truth, same last
