@@ -15,13 +15,14 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 from torch.utils.checkpoint import checkpoint
+
+from vssm.kernels import causal_conv1d
 
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
 from ._ssm import init_dt_bias_, ssm_direction
@@ -95,13 +96,8 @@ class BiMamba(nn.Module):
 
     def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
         """One direction's conv + selective scan on channels-last x, z (batch, L, d_inner); returns the same.
-        The depthwise conv runs channels-first (cuDNN's channels-last depthwise conv was 7x slower on an H100,
-        BENCHMARKS.md); the SiLU's output is laid out channels-last again for the scan (one copy)."""
-        k, L = conv1d.weight.shape[-1], x.shape[1]
-        # anti-causal when reversed: position t sees t .. t+k-1, the causal conv of the flipped sequence
-        weight = conv1d.weight.flip(-1) if reverse else conv1d.weight
-        x = F.conv1d(x.transpose(1, 2), weight, conv1d.bias, padding=k - 1, groups=self.d_inner)
-        x = F.silu(x[..., k - 1:] if reverse else x[..., :L]).transpose(1, 2).contiguous()  # (batch, L, d_inner)
+        The backward direction's conv is anti-causal (the causal conv of the flipped sequence, flipped back)."""
+        x = causal_conv1d(x.transpose(1, 2), conv1d.weight, conv1d.bias, "silu", reverse=reverse).transpose(1, 2)
         return ssm_direction(x, x_proj, dt_proj, A_log, D, self.d_state, z=z, reverse=reverse)
 
     def forward(self, tokens):
