@@ -31,6 +31,13 @@ bottleneck (BENCHMARKS.md).
 h_{t-1} is needed in reverse order: the forward pass of the backward writes the state entering every
 CHUNK-step chunk, (batch, L / CHUNK, N, dim); each chunk is then re-run forward into a per-program scratch of
 CHUNK states (small enough to stay in L2) and walked backward. No (batch, dim, L, N) tensor is stored.
+
+Few programs (batch x channel blocks, e.g. 384 for a batch of 32 at 1248 px) cannot keep an H100 busy, so both
+directions split the sequence into segments run by programs of their own. Forward: a summary pass runs each
+segment from a zero state and writes its end state and summed dt; the main pass composes its entry state,
+h_in(s) = exp(A sum dt(s-1)) h_in(s-1) + end(s-1). Backward: mu obeys the same kind of recurrence right to
+left, so a summary kernel walks each segment from mu = 0 (lam only: C, dy, z and dt) and the main pass
+composes the mu entering it from the segments after it.
 """
 import torch
 import triton
@@ -152,18 +159,59 @@ def _scan_fwd_step_kernel(
 
 
 @triton.jit
+def _scan_bwd_summary_kernel(
+    delta_ptr, At_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seg_mu_ptr, seg_dt_ptr, dim, L, channels_per_group,
+    seg_len, su_b, su_d, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l, sdo_b, sdo_d, sdo_l,
+    N: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The backward's segment summaries: program (b, channel block, segment) walks its segment's steps from the
+    last with mu = 0, lam = C_t dy_t + mu, mu = a_t lam, and writes the final mu (batch, segments, N, dim) and
+    the segment's summed dt (batch, segments, dim). The mu leaving a segment is then its summary plus
+    exp(A sum dt) times the mu entering it from the right."""
+    b, d, n, mask_d, mask_n, mask_nd, _, bc_row, A, _, bias = _program_tile(
+        At_ptr, At_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
+        N, BLOCK_D, BLOCK_N, False, HAS_BIAS)
+    dt_row, z_row, do_row = b * sdt_b + d * sdt_d, b * sz_b + d * sz_d, b * sdo_b + d * sdo_d
+    A = A * LOG2E
+    seg, n_seg = tl.program_id(2), tl.num_programs(2)
+    t_begin = seg * seg_len
+    t_end = tl.minimum(L, t_begin + seg_len)
+    mu = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tt in range(t_end - t_begin):
+        t = t_end - 1 - tt
+        p = L - 1 - t if REVERSE else t
+        delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+        Ct = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0).to(tl.float32)
+            dy = dy * zt * tl.sigmoid(zt)
+        _, dt = _time_step(delta, bias, SOFTPLUS)
+        dt_sum += dt
+        mu = tl.exp2(dt[None, :] * A) * (Ct[:, None] * dy[None, :] + mu)
+    seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]
+    tl.store(seg_mu_ptr + seg_row + seg * N * dim, mu, mask=mask_nd)
+    tl.store(seg_dt_ptr + (b * n_seg + seg) * dim + d, dt_sum, mask=mask_d)
+
+
+@triton.jit
 def _scan_bwd_step_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, chunk_state_ptr,
-    scratch_ptr, du_ptr, ddelta_ptr, dAt_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    dim, L, channels_per_group,
+    scratch_ptr, seg_mu_ptr, seg_dt_ptr, du_ptr, ddelta_ptr, dAt_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    dim, L, channels_per_group, seg_len,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l, so_b, so_d, so_l,
     sdo_b, sdo_d, sdo_l,
     N: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, COMPOSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Gradients of the stepped forward, from the chunk-entry states; scratch holds one chunk's states. du,
-    ddelta and dz are written at strides so_*; dA is accumulated transposed, (N, dim) like At."""
+    """Gradients of the stepped forward, from the chunk-entry states; program (b, channel block, segment)
+    walks its segment's chunks from the last, its scratch holding one chunk's states. COMPOSE (more than one
+    segment, after the summary kernel): the mu entering the segment from the right is composed from the
+    summaries of the segments after it. du, ddelta and dz are written at strides so_*; dA is accumulated
+    transposed, (N, dim) like At."""
     b, d, n, mask_d, mask_n, mask_nd, row, bc_row, A, Dd, bias = _program_tile(
         At_ptr, D_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
         N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
@@ -173,17 +221,28 @@ def _scan_bwd_step_kernel(
     n_chunks = tl.cdiv(L, CHUNK)
     state = chunk_state_ptr + (b * n_chunks * N + n[:, None]) * dim + d[None, :]
     part = ((b * tl.num_programs(1) + tl.program_id(1)) * L) * N + n  # this program's dB, dC partials (L, N)
+    seg, n_seg = tl.program_id(2), tl.num_programs(2)
     tile = n[:, None] * BLOCK_D + d[None, :] - tl.program_id(1) * BLOCK_D
-    scratch = scratch_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * CHUNK * BLOCK_D * BLOCK_N + tile
+    program = (b * tl.num_programs(1) + tl.program_id(1)) * n_seg + seg
+    scratch = scratch_ptr + program * CHUNK * BLOCK_D * BLOCK_N + tile
 
     mu = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # a_{t+1} * lam_{t+1}
     if HAS_DLAST:
         mu = tl.load(dlast_ptr + (b * dim + d[None, :]) * N + n[:, None], mask=mask_nd, other=0.0)
+    if COMPOSE:  # the mu entering this segment: fold the summaries of the segments after it, from the last
+        seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]
+        for i in range(n_seg - 1 - seg):
+            s = n_seg - 1 - i
+            dt_sum = tl.load(seg_dt_ptr + (b * n_seg + s) * dim + d, mask=mask_d, other=0.0)
+            mu = tl.exp2(dt_sum[None, :] * A2) * mu + tl.load(seg_mu_ptr + seg_row + s * N * dim, mask=mask_nd,
+                                                              other=0.0)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(n_chunks):
-        chunk = n_chunks - 1 - i
+    first_chunk = seg * seg_len // CHUNK
+    last_chunk = tl.minimum(n_chunks, (seg + 1) * seg_len // CHUNK) - 1
+    for i in range(last_chunk + 1 - first_chunk):
+        chunk = last_chunk - i
         t0 = chunk * CHUNK
         steps = tl.minimum(CHUNK, L - t0)
         # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
@@ -303,11 +362,18 @@ def _dense_like(t, dtype=None):
     return out.permute([order.index(i) for i in range(t.dim())])
 
 
-def _segments(programs, L):
-    """Steps per segment: enough segments for about 1536 one-warp programs (a batch of 32 at 1248 px has
-    only 384 channel blocks), each a whole number of the backward's chunks and at least 4 of them."""
-    n_seg = max(1, min(triton.cdiv(1536, programs), triton.cdiv(L, 4 * CHUNK)))
-    return triton.cdiv(triton.cdiv(L, n_seg), CHUNK) * CHUNK
+# A scan with fewer programs (batch x channel blocks) than SEGMENT_BELOW is split along the sequence into
+# segments until there are about SEGMENT_TARGET programs, in the forward kernel's launches and the backward's
+# (H100 sweep, BENCHMARKS.md: with 1536 programs one segment is best; with 384, 16 forward segments).
+SEGMENT_BELOW = 1536
+SEGMENT_TARGET = dict(forward=6144, backward=3072)
+
+
+def _segments(programs, L, target):
+    """Steps per segment: one segment for SEGMENT_BELOW programs or more, else enough segments for about
+    ``target`` one-warp programs, each a whole number of the backward's chunks and at least 4 of them."""
+    n_seg = 1 if programs >= SEGMENT_BELOW else min(triton.cdiv(target, programs), triton.cdiv(L, 4 * CHUNK))
+    return triton.cdiv(triton.cdiv(L, max(n_seg, 1)), CHUNK) * CHUNK
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
@@ -326,7 +392,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     else:
         out = _dense_like(u, out_dtype)
         last = torch.empty(batch, dim, N, **f32)
-    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L)
+    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET["forward"])
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(L, seg_len))
     seg_states = torch.empty(batch, grid[2], N, dim, **f32) if grid[2] > 1 else None
     seg_dt = torch.empty(batch, grid[2], dim, **f32) if grid[2] > 1 else None
@@ -349,22 +415,34 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     G, N = B.shape[1], B.shape[2]
     cfg = _config(dim, N, dim // G)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
-    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-    scratch = torch.empty(batch * grid[1] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], device=u.device,
-                          dtype=torch.float32)
+    blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    seg_len = _segments(batch * blocks, L, SEGMENT_TARGET["backward"])
+    grid = (batch, blocks, triton.cdiv(L, seg_len))
     f32 = dict(device=u.device, dtype=torch.float32)
+    scratch = torch.empty(batch * blocks * grid[2] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], **f32)
+    seg_mu = torch.empty(batch, grid[2], N, dim, **f32) if grid[2] > 1 else None
+    seg_dt = torch.empty(batch, grid[2], dim, **f32) if grid[2] > 1 else None
     du, ddelta = _dense_like(u), _dense_like(u, delta.dtype)
     dAt = torch.zeros(N, dim, **f32)
-    dB_parts = torch.empty(batch, grid[1], L, N, **f32)
-    dC_parts = torch.empty(batch, grid[1], L, N, **f32)
+    dB_parts = torch.empty(batch, blocks, L, N, **f32)
+    dC_parts = torch.empty(batch, blocks, L, N, **f32)
     dD = torch.zeros(D.shape, **f32) if D is not None else None
     dz = _dense_like(u, z.dtype) if z is not None else None
     dbias = torch.zeros(delta_bias.shape, **f32) if delta_bias is not None else None
-    _scan_bwd_step_kernel[grid](u, delta, A.t().contiguous(), B, C, D, z, delta_bias, dout, dlast, states, scratch,
-                                du, ddelta, dAt, dB_parts, dC_parts, dD, dz, dbias, dim, L, dim // G,
+    At = A.t().contiguous()
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse)
+    if grid[2] > 1:
+        _scan_bwd_summary_kernel[grid](delta, At, C, z, delta_bias, dout, seg_mu, seg_dt, dim, L, dim // G, seg_len,
+                                       *u.stride()[:2], *delta.stride(),
+                                       *(z.stride() if z is not None else (0, 0, 0)), *B.stride(), *dout.stride(),
+                                       N=N, REVERSE=reverse, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                                       SOFTPLUS=delta_softplus, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
+                                       num_warps=cfg["num_warps"])
+    _scan_bwd_step_kernel[grid](u, delta, At, B, C, D, z, delta_bias, dout, dlast, states, scratch, seg_mu, seg_dt,
+                                du, ddelta, dAt, dB_parts, dC_parts, dD, dz, dbias, dim, L, dim // G, seg_len,
                                 *_strides(u, delta, z, B, du), *dout.stride(), N=N, HAS_DLAST=dlast is not None,
-                                **_flags(D, z, delta_bias, delta_softplus, reverse), **cfg)
+                                COMPOSE=grid[2] > 1, **flags, **cfg)
     # programs of one group are consecutive along dim (a block never straddles two groups)
-    dB = dB_parts.view(batch, G, grid[1] // G, L, N).sum(2).transpose(2, 3)
-    dC = dC_parts.view(batch, G, grid[1] // G, L, N).sum(2).transpose(2, 3)
+    dB = dB_parts.view(batch, G, blocks // G, L, N).sum(2).transpose(2, 3)
+    dC = dC_parts.view(batch, G, blocks // G, L, N).sum(2).transpose(2, 3)
     return du, ddelta, dAt.t(), dB, dC, dD, dz, dbias

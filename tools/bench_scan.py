@@ -6,8 +6,9 @@ imported, mamba_ssm's CUDA kernel (``selective_scan_cuda``), at Vim-T and VMamba
     python tools/bench_scan.py --sweep               # also time other block sizes of the Triton kernels
     python tools/bench_scan.py --reference           # CPU: the PyTorch reference against a per-position loop
 
-Times are CUDA-event medians (triton.testing.do_bench). "fwd GB/s" counts each input read once and the output
-written once. Memory is the peak allocated during forward+backward above what the inputs already hold.
+Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph): GPU time, without Python's launch
+overhead, which tools/benchmark.py measures on whole models; the torch reference is timed plainly. "fwd GB/s"
+counts each input read once and the output written once. Memory is the peak allocated during forward+backward above what the inputs already hold.
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from vssm.kernels import cross_merge, cross_scan, cross_selective_scan, selective_scan
 from vssm.kernels import triton_scan
@@ -26,7 +27,11 @@ except ImportError:
     selective_scan_cuda = None
 
 
-def timed(fn):
+def timed(fn, graph=True):
+    """GPU time in ms: the median of CUDA-graph replays (the kernels' time without Python's launch overhead,
+    which would otherwise dominate the small shapes), or of plain launches."""
+    if graph:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -51,6 +56,22 @@ def vim_inputs(batch, dim, L, N, dtype):
     return dict(u=r(batch, dim, L).to(dtype), delta=(r(batch, dim, L) * 0.5 - 1).to(dtype),
                 A=-torch.rand(dim, N, device="cuda") * N, B=r(batch, 1, N, L).to(dtype),
                 C=r(batch, 1, N, L).to(dtype), D=r(dim), z=r(batch, dim, L).to(dtype), delta_bias=r(dim) * 0.5)
+
+
+def vim_channels_last(batch, dim, L, N, dtype):
+    """The layout Vim's blocks pass (the stepped kernels' fast one): u and z halves of one (batch, L, 2 dim)
+    projection, delta (batch, L, dim), B and C slices of one (batch, L, R + 2N) projection (R = 24), all seen
+    as (batch, dim, L) / (batch, N, L) views. Returns the base tensors and the function making the views."""
+    r = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    bases = dict(xz=r(batch, L, 2 * dim).to(dtype), delta=(r(batch, L, dim) * 0.5 - 1).to(dtype),
+                 proj=r(batch, L, 24 + 2 * N).to(dtype), A=-torch.rand(dim, N, device="cuda") * N, D=r(dim),
+                 delta_bias=r(dim) * 0.5)
+
+    def views(b):
+        u, z = b["xz"].transpose(1, 2).chunk(2, dim=1)
+        return dict(u=u, z=z, delta=b["delta"].transpose(1, 2), A=b["A"], D=b["D"], delta_bias=b["delta_bias"],
+                    B=b["proj"][..., 24:24 + N].transpose(1, 2), C=b["proj"][..., 24 + N:].transpose(1, 2))
+    return bases, views
 
 
 def leaves(inputs):
@@ -80,9 +101,11 @@ def bench_vim(batch, dim, L, N, dtype, rows):
         return {k: (v.flip(-1) if v.dim() >= 3 else v) for k, v in x.items()}
 
     variants = {
-        "vssm triton, one direction": lambda a, b: vssm_one(a),
-        "vssm triton, bidirectional (reverse=True)": lambda a, b: vssm_one(a) + vssm_one(b, reverse=True),
-        "vssm triton, bidirectional (flip copies)": lambda a, b: vssm_one(a) + vssm_one(flip(b)).flip(-1),
+        "vssm triton, channels-first, one direction": lambda a, b: vssm_one(a),
+        "vssm triton, channels-first, bidirectional (reverse=True)":
+            lambda a, b: vssm_one(a) + vssm_one(b, reverse=True),
+        "vssm triton, channels-first, bidirectional (flip copies)":
+            lambda a, b: vssm_one(a) + vssm_one(flip(b)).flip(-1),
     }
     for label, fn in variants.items():
         with torch.no_grad():
@@ -92,8 +115,26 @@ def bench_vim(batch, dim, L, N, dtype, rows):
         dirs = 1 if "one" in label else 2
         rows.append(dict(shape=name, impl=label, fwd_ms=t_f, fwd_bwd_ms=t_fb, mem_mib=mem,
                          fwd_gbs=dirs * io / t_f / 1e6))
+    # the same scans on the channels-last views that Vim's blocks pass
+    (fwd_bases, views), (bwd_bases, _) = (vim_channels_last(batch, dim, L, N, dtype) for _ in range(2))
+    dout_cl = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    ins = [leaves(fwd_bases), leaves(bwd_bases)]
+    for label, fn in {
+            "vssm triton, channels-last views, one direction": lambda a, b: vssm_one(a),
+            "vssm triton, channels-last views, bidirectional (reverse=True)":
+                lambda a, b: vssm_one(a) + vssm_one(b, reverse=True)}.items():
+        def run_cl():
+            fn(*[views(x) for x in ins]).backward(dout_cl)
+            for x in ins:
+                for t in x.values():
+                    t.grad = None
+        with torch.no_grad():
+            t_f = timed(lambda: fn(views(fwd_bases), views(bwd_bases)))
+        dirs = 1 if "one" in label else 2
+        rows.append(dict(shape=name, impl=label, fwd_ms=t_f, fwd_bwd_ms=timed(run_cl), mem_mib=peak_mem(run_cl),
+                         fwd_gbs=dirs * io / t_f / 1e6))
     with torch.no_grad():
-        t_ref = timed(lambda: vssm_one(fwd_dir, backend="torch"))
+        t_ref = timed(lambda: vssm_one(fwd_dir, backend="torch"), graph=False)
     rows.append(dict(shape=name, impl="torch reference, one direction", fwd_ms=t_ref, fwd_gbs=io / t_ref / 1e6))
 
     if selective_scan_cuda is not None:
