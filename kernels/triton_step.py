@@ -364,9 +364,11 @@ def _dense_like(t, dtype=None):
 
 # A scan with fewer programs (batch x channel blocks) than SEGMENT_BELOW is split along the sequence into
 # segments until there are about SEGMENT_TARGET programs, in the forward kernel's launches and the backward's
-# (H100 sweep, BENCHMARKS.md: with 1536 programs one segment is best; with 384, 16 forward segments).
+# (H100 sweep, BENCHMARKS.md: with 1536 programs one segment is best; with 384, 16 forward segments). Inputs
+# that are not channels-last (each step's channels far apart) lose cache lines between the steps of more
+# programs: they keep to 1536 forward and one backward segment (a 2.7x slower forward at 1248 px otherwise).
 SEGMENT_BELOW = 1536
-SEGMENT_TARGET = dict(forward=6144, backward=3072)
+SEGMENT_TARGET = {True: dict(forward=6144, backward=3072), False: dict(forward=1536, backward=1)}
 
 
 def _segments(programs, L, target):
@@ -392,7 +394,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     else:
         out = _dense_like(u, out_dtype)
         last = torch.empty(batch, dim, N, **f32)
-    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET["forward"])
+    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET[u.stride(1) == 1]["forward"])
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(L, seg_len))
     seg_states = torch.empty(batch, grid[2], N, dim, **f32) if grid[2] > 1 else None
     seg_dt = torch.empty(batch, grid[2], dim, **f32) if grid[2] > 1 else None
@@ -416,7 +418,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     cfg = _config(dim, N, dim // G)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
     blocks = triton.cdiv(dim, cfg["BLOCK_D"])
-    seg_len = _segments(batch * blocks, L, SEGMENT_TARGET["backward"])
+    seg_len = _segments(batch * blocks, L, SEGMENT_TARGET[u.stride(1) == 1]["backward"])
     grid = (batch, blocks, triton.cdiv(L, seg_len))
     f32 = dict(device=u.device, dtype=torch.float32)
     scratch = torch.empty(batch * blocks * grid[2] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], **f32)
