@@ -82,6 +82,25 @@ def _time_step(delta, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _across_segment(h, s, summary_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N, A2):
+    """h (the state, or the backward's mu) carried across segment s: exp(A sum dt) h + the segment's summary
+    (what it leaves from a zero start). Summaries are (batch, segments, N, dim), summed dt (batch, segments,
+    dim); A2 = A log2(e), an (N, BLOCK_D) tile."""
+    n_seg = tl.num_programs(2)
+    dt_sum = tl.load(seg_dt_ptr + (b * n_seg + s) * dim + d, mask=mask_d, other=0.0)
+    summary = tl.load(summary_ptr + ((b * n_seg + s) * N + n[:, None]) * dim + d[None, :], mask=mask_nd, other=0.0)
+    return tl.exp2(dt_sum[None, :] * A2) * h + summary
+
+
+@triton.jit
+def _store_summary(h, dt_sum, summary_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N):
+    """This program's segment summary (see _across_segment)."""
+    s, n_seg = tl.program_id(2), tl.num_programs(2)
+    tl.store(summary_ptr + ((b * n_seg + s) * N + n[:, None]) * dim + d[None, :], h, mask=mask_nd)
+    tl.store(seg_dt_ptr + (b * n_seg + s) * dim + d, dt_sum, mask=mask_d)
+
+
+@triton.jit
 def _scan_fwd_step_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, chunk_state_ptr,
     seg_state_ptr, seg_dt_ptr, dim, L, channels_per_group, seg_len,
@@ -106,13 +125,10 @@ def _scan_fwd_step_kernel(
     seg, n_seg = tl.program_id(2), tl.num_programs(2)
     t_begin = seg * seg_len
     t_end = tl.minimum(L, t_begin + seg_len)
-    seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]  # segment 0's summary state
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if COMPOSE:
         for s in range(seg):  # compose the state entering this segment
-            dt_sum = tl.load(seg_dt_ptr + (b * n_seg + s) * dim + d, mask=mask_d, other=0.0)
-            h = tl.exp2(dt_sum[None, :] * A) * h + tl.load(seg_state_ptr + seg_row + s * N * dim, mask=mask_nd,
-                                                           other=0.0)
+            h = _across_segment(h, s, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N, A)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     state = (b * tl.cdiv(L, CHUNK) * N + n[:, None]) * dim + d[None, :]  # offset of the first chunk's state
     p = L - 1 - t_begin if REVERSE else t_begin  # the position of step t
@@ -152,8 +168,7 @@ def _scan_fwd_step_kernel(
             tl.store(out_ptr + out_row + p * so_l, y, mask=mask_d)
         p = q
     if SUMMARY:
-        tl.store(seg_state_ptr + seg_row + seg * N * dim, h, mask=mask_nd)
-        tl.store(seg_dt_ptr + (b * n_seg + seg) * dim + d, dt_sum, mask=mask_d)
+        _store_summary(h, dt_sum, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N)
     if WRITE_OUT:
         tl.store(last_ptr + (b * dim + d[None, :]) * N + n[:, None], h, mask=tl.where(seg == n_seg - 1, mask_nd, False))
 
@@ -174,8 +189,7 @@ def _scan_bwd_summary_kernel(
         N, BLOCK_D, BLOCK_N, False, HAS_BIAS)
     dt_row, z_row, do_row = b * sdt_b + d * sdt_d, b * sz_b + d * sz_d, b * sdo_b + d * sdo_d
     A = A * LOG2E
-    seg, n_seg = tl.program_id(2), tl.num_programs(2)
-    t_begin = seg * seg_len
+    t_begin = tl.program_id(2) * seg_len
     t_end = tl.minimum(L, t_begin + seg_len)
     mu = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -191,9 +205,7 @@ def _scan_bwd_summary_kernel(
         _, dt = _time_step(delta, bias, SOFTPLUS)
         dt_sum += dt
         mu = tl.exp2(dt[None, :] * A) * (Ct[:, None] * dy[None, :] + mu)
-    seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]
-    tl.store(seg_mu_ptr + seg_row + seg * N * dim, mu, mask=mask_nd)
-    tl.store(seg_dt_ptr + (b * n_seg + seg) * dim + d, dt_sum, mask=mask_d)
+    _store_summary(mu, dt_sum, seg_mu_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N)
 
 
 @triton.jit
@@ -230,12 +242,8 @@ def _scan_bwd_step_kernel(
     if HAS_DLAST:
         mu = tl.load(dlast_ptr + (b * dim + d[None, :]) * N + n[:, None], mask=mask_nd, other=0.0)
     if COMPOSE:  # the mu entering this segment: fold the summaries of the segments after it, from the last
-        seg_row = (b * n_seg * N + n[:, None]) * dim + d[None, :]
         for i in range(n_seg - 1 - seg):
-            s = n_seg - 1 - i
-            dt_sum = tl.load(seg_dt_ptr + (b * n_seg + s) * dim + d, mask=mask_d, other=0.0)
-            mu = tl.exp2(dt_sum[None, :] * A2) * mu + tl.load(seg_mu_ptr + seg_row + s * N * dim, mask=mask_nd,
-                                                              other=0.0)
+            mu = _across_segment(mu, n_seg - 1 - i, seg_mu_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N, A2)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
