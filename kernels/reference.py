@@ -8,45 +8,49 @@ The S6 recurrence (Gu & Dao, "Mamba", 2023), per batch b, channel d and state n:
     out_t = y_t * silu(z_t)                           (gate optional)
 
 Within a chunk of T positions the recurrence has the closed form (S_t = sum_{r <= t} dt_r * A, a cumulative
-log-decay)
+log-decay, taken relative to its midpoint m = S_T / 2)
 
-    h_t = exp(S_t) * (h_0 + sum_{s <= t} exp(-S_s) * dt_s * B_s * u_s)
+    h_t = exp(S_t - m) * (exp(m) * h_0 + sum_{s <= t} dt_s * B_s * u_s / exp(S_s - m))
 
-which is a handful of vectorised cumsum/exp ops over (batch, dim, N, T) instead of T Python steps. It is
-computed in float64 for float64 inputs and in float32 otherwise (like mamba_ssm's reference; the state is
-float32 in the kernels too); a chunk whose log-decay spans more than ``_MAX_LOG_RANGE`` (where exp(-S) times
-the summed inputs would leave the dtype's range) is halved until it fits, down to single steps, so the
-result is exact for every input. Chunks are short enough that one (batch, dim, N, T) tensor stays under
-``_CHUNK_BYTES``: glibc serves larger blocks as fresh mmap pages on every allocation, and their page faults
-cost the CPU more than the arithmetic (3x on a DiffuSSM training step).
+which is a handful of vectorised cumsum/exp ops over the (batch * dim * N, T) rows of a chunk instead of T
+Python steps. It is computed in float64 for float64 inputs and in float32 otherwise (like mamba_ssm's
+reference; the state is float32 in the kernels too). |S_t - m| is at most half of sum_t |dt_t * A|, and where
+that bound exceeds ``_MAX_LOG_RANGE`` (exp(S - m), and its square in the division's gradient, would leave the
+dtype's range) the row steps through the chunk one position at a time instead, so the result is exact for
+every input; such rows are rare (steep decays). A chunk's (rows, T) tensors are sized to stay in a core's L2
+cache.
 """
 import torch
 import torch.nn.functional as F
 
 __all__ = ["selective_scan_ref", "cross_scan_ref", "cross_merge_ref", "cross_selective_scan_ref"]
 
-_CHUNK = 64  # the longest chunk
-_CHUNK_BYTES = 8 << 20
-# exp(600) ~ 1e260, exp(60) ~ 1e26: exp(-S) times inputs and their cumsum stay inside the dtype's range
-_MAX_LOG_RANGE = {torch.float64: 600.0, torch.float32: 60.0}
+_CHUNK_BYTES = 400 << 10  # one (rows, T) tensor of a chunk
+# |S - m| stays below this: exp(S - m) and exp(S - m) ** 2 (the division's gradient) inside the dtype's range
+_MAX_LOG_RANGE = {torch.float64: 300.0, torch.float32: 40.0}
 
 
-def _scan_chunk(h, log_a, bu):
-    """States h_t of one chunk (..., N, T) from the state h (..., N) before it, by the closed form; halves
-    the chunk where its log-decay leaves float64's exp range, and steps where one position does."""
-    T = log_a.shape[-1]
-    S = log_a.cumsum(-1)
-    lo, hi = torch.aminmax(S)
-    if max(-lo, hi) <= _MAX_LOG_RANGE[S.dtype]:
-        E = S.exp()
-        w = bu * S.neg_().exp_()  # exp(-S), in place (no division: its gradient overflows)
-        w[..., 0] += h  # the state entering the chunk, carried by the cumsum
-        return E * w.cumsum(-1)
-    if T == 1:
-        return (log_a.exp() * h[..., None] + bu)
-    first = _scan_chunk(h, log_a[..., :T // 2], bu[..., :T // 2])
-    second = _scan_chunk(first[..., -1], log_a[..., T // 2:], bu[..., T // 2:])
-    return torch.cat([first, second], -1)
+def _scan_chunk(h, log_a, bu, span):
+    """States (R, T) of one chunk of rows from the states h (R,) before it, by the closed form; rows whose
+    bound span (R,) on sum |log_a| is too large for it step through the chunk."""
+    steep = span > 2 * _MAX_LOG_RANGE[log_a.dtype]
+    idx = steep.nonzero()[:, 0] if steep.any() else None
+    if idx is not None:
+        a_steep, bu_steep, h_steep = log_a[idx].exp(), bu[idx], h[idx]
+        log_a = log_a.index_fill(0, idx, 0.0)  # keeps their closed form finite; overwritten below
+    m = log_a.detach().sum(-1) * 0.5  # any m gives the same states; this one centres the range
+    log_a[:, 0] -= m  # the cumsum below is then S - m
+    E = log_a.cumsum(-1).exp_()
+    w = bu / E
+    w[:, 0] += h * m.exp()
+    hs = E * w.cumsum(-1)
+    if idx is None:
+        return hs
+    steps = []
+    for t in range(log_a.shape[-1]):
+        h_steep = torch.addcmul(bu_steep[:, t], a_steep[:, t], h_steep)
+        steps.append(h_steep)
+    return hs.index_copy(0, idx, torch.stack(steps, -1))
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -61,24 +65,31 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         dt = dt + delta_bias.to(f)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    # channels as (G, dim // G) so that B and C broadcast over a group's channels without copies
+    # channels as (G, dim // G) so that B and C broadcast over a group's channels without copies; the small
+    # factors contiguous, so that their products come out as dense (rows, T) chunks
     A5 = A.to(f).view(1, G, dim // G, N, 1)
-    dt5 = dt.view(batch, G, dim // G, 1, L)
-    dtu5 = (dt * u_f).view(batch, G, dim // G, 1, L)
-    B5, C5 = B.to(f)[:, :, None], C.to(f)[:, :, None]
+    dt5 = dt.contiguous().view(batch, G, dim // G, 1, L)
+    dtu5 = (dt5 * u_f.view(batch, G, dim // G, 1, L)).contiguous()
+    B5, C5 = B.to(f).contiguous()[:, :, None], C.to(f).contiguous()[:, :, None]
     if reverse:
         dt5, dtu5, B5, C5 = dt5.flip(-1), dtu5.flip(-1), B5.flip(-1), C5.flip(-1)
 
-    h = u_f.new_zeros(batch, G, dim // G, N)
-    T = _CHUNK
-    while T > 8 and batch * dim * N * T * h.element_size() > _CHUNK_BYTES:
-        T //= 2
+    rows = batch * dim * N
+    T = 16
+    while T < 64 and rows * 2 * T * u_f.element_size() <= _CHUNK_BYTES:
+        T *= 2
+    absA = A5.detach().abs()[..., 0]
+    h = u_f.new_zeros(rows)
     ys = []
     for s in range(0, L, T):
-        hs = _scan_chunk(h, dt5[..., s:s + T] * A5, dtu5[..., s:s + T] * B5[..., s:s + T])
-        h = hs[..., -1]
-        ys.append((hs * C5[..., s:s + T]).sum(-2))
-    h = h.reshape(batch, dim, N)
+        dt_c = dt5[..., s:s + T]
+        t = dt_c.shape[-1]
+        span = (dt_c.detach().abs().sum(-1) * absA).view(rows)  # = sum_t |dt_t * A| per row
+        hs = _scan_chunk(h, (dt_c * A5).view(rows, t), (dtu5[..., s:s + T] * B5[..., s:s + T]).view(rows, t),
+                         span)
+        h = hs[:, -1]
+        ys.append((hs.view(batch, G, dim // G, N, t) * C5[..., s:s + T]).sum(-2))
+    h = h.view(batch, dim, N)
     y = torch.cat(ys, -1).reshape(batch, dim, L)
     if reverse:
         y = y.flip(-1)

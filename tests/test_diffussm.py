@@ -128,10 +128,11 @@ def test_bissm_reverse_scan_equals_flips():
     for (name, _), a, b in zip([("u", None), *ssm.named_parameters()], grads, grads_ref):
         assert a.abs().sum() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-    # the backward half really runs right-to-left: the last position of y_b sees only the last input
+    # the backward half really runs right-to-left: the last position of y_b sees only the last input (to
+    # rounding: the reference's closed form centres each chunk's log-decay on values of the whole chunk)
     v = u.detach().clone()
     v[:, 0] += 1.0
-    assert torch.equal(ssm(v)[:, -1, 12:], out[:, -1, 12:].detach())
+    torch.testing.assert_close(ssm(v)[:, -1, 12:], out[:, -1, 12:].detach(), rtol=0, atol=1e-12)
     assert not torch.equal(ssm(v)[:, -1, :12], out[:, -1, :12].detach())
 
 

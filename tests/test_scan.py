@@ -89,13 +89,27 @@ def test_reference_each_option_alone(option):
                last=option == "last")
 
 
-def test_reference_exact_for_steep_decay():
-    """delta * A of hundreds per step: the closed form's exp would overflow, so chunks are split."""
-    inputs = make_inputs(1, 3, 2, 100, 0, torch.float32, seed=5)
+def test_reference_takes_channels_last_views():
+    """Vim hands the scan (batch, L, dim) activations transposed to (batch, dim, L): same result as dense."""
+    inputs = make_inputs(2, 6, 4, 40, 0, torch.float32, seed=7)
+    views = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3 else v)
+             for k, v in inputs.items()}
+    assert not views["u"].is_contiguous() and not views["B"].is_contiguous()
+    for reverse in (False, True):
+        dense = selective_scan(**inputs, delta_softplus=True, reverse=reverse, backend="torch")
+        strided = selective_scan(**views, delta_softplus=True, reverse=reverse, backend="torch")
+        torch.testing.assert_close(strided, dense, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reference_exact_for_steep_decay(reverse):
+    """delta * A of hundreds per step in one channel: its closed form would overflow, so its rows step
+    through each chunk while the other channels' rows keep the closed form."""
+    inputs = make_inputs(2, 3, 2, 100, 0, torch.float32, seed=5)
     with torch.no_grad():
-        inputs["delta"].mul_(0).add_(torch.rand_like(inputs["delta"]) * 40 + 20)
+        inputs["delta"][:, 1].mul_(0).add_(torch.rand_like(inputs["delta"][:, 1]) * 40 + 20)
         inputs["A"].mul_(10)
-    check_scan(inputs, torch.float32, "torch", softplus=True, reverse=False, last=True)
+    check_scan(inputs, torch.float32, "torch", softplus=True, reverse=reverse, last=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
