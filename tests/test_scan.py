@@ -317,6 +317,20 @@ def test_triton_stepped_channels_last_views(reverse, L):
         assert rel_err(gr, gt) < TOL[torch.float32], name
 
 
+def test_triton_stepped_output_takes_the_input_layout():
+    """mamba_ssm's layout, contiguous (batch, dim, L), gets a contiguous y (and the truth's values); the
+    channels-last views Vim passes get y channels-last."""
+    inputs = make_inputs(2, 8, 16, 23, 0, torch.float32, DEVICE)
+    y = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    assert y.is_contiguous()
+    assert rel_err(y, loop_scan(**inputs, delta_softplus=True)[0]) < TOL[torch.float32]
+    with torch.no_grad():
+        assert selective_scan(**inputs, delta_softplus=True, backend="triton").is_contiguous()
+    views = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
+             for k, v in inputs.items()}
+    assert selective_scan(**views, delta_softplus=True, backend="triton").stride(1) == 1
+
+
 def test_triton_stepped_B_and_C_in_different_layouts():
     """B a states-contiguous view of a wider projection, C an ordinary (batch, N, L) tensor: the kernels read
     both at one set of strides, so they must be given a common layout (the truth, forward and gradients)."""
