@@ -146,14 +146,15 @@ def _dense(t):
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
     """The kernels for these inputs and the inputs in the layouts they read. Plain scans with large states run
-    the stepped kernels (BENCHMARKS.md), every tensor at its strides except B and C, which get their states
-    contiguous; other plain scans the chunked kernels on contiguous rows; the cross-scan the chunked kernels,
-    every map at its strides (u and delta dense, since their gradients take their strides; B and C sharing
-    strides)."""
+    the stepped kernels (BENCHMARKS.md) on channels-last u, delta and z (copied so where they are not) and on
+    B and C with their states contiguous; other plain scans the chunked kernels on contiguous rows; the
+    cross-scan the chunked kernels, every map at its strides (u and delta dense, since their gradients take
+    their strides; B and C sharing strides)."""
     if hw is None and A.shape[1] >= 8:
         from . import triton_step
-        return triton_step, (u, delta, *_contiguous(A), *triton_step.states_last(B, C), *_contiguous(D), z,
-                             *_contiguous(delta_bias))
+        cl = triton_step.channels_last
+        return triton_step, (cl(u), cl(delta), *_contiguous(A), *triton_step.states_last(B, C), *_contiguous(D),
+                             cl(z), *_contiguous(delta_bias))
     from . import triton_scan
     if hw is None:
         return triton_scan, _contiguous(u, delta, A, B, C, D, z, delta_bias)
@@ -164,11 +165,19 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
     return triton_scan, (u, delta, A, B, C, D, z, delta_bias)
 
 
+def _in_layout_of(out, u):
+    """The output in u's layout where the kernels worked on a channels-last copy of u (a dense copy)."""
+    if out.stride(1) != 1 or u.stride(1) == 1:
+        return out
+    from .triton_step import transposed
+    return transposed(out.transpose(1, 2))
+
+
 def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype, write_last):
     """Forward only (no autograd graph): what inference calls, sparing the autograd.Function's overhead."""
     kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
     out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype, write_last=write_last)
-    return out, last
+    return _in_layout_of(out, u), last
 
 
 def _needs_grad(*ts):
@@ -186,7 +195,7 @@ class _TritonScan(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
         ctx.options = (kernels, delta_softplus, reverse, hw)
         ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
-        return out, last
+        return _in_layout_of(out, u), last
 
     @staticmethod
     def backward(ctx, dout, dlast):

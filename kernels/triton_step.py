@@ -13,7 +13,8 @@ u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bi
 read at its own strides (B and C share theirs, with the N states contiguous: ``states_last`` lays them out so;
 out and the gradients of u, delta and z are laid out in the order of u's). The fast layout is channels-last:
 u, delta and z with channels contiguous at each position (a warp then reads whole runs of channels per step),
-and each thread reads its step's N values of B and C in two vector loads.
+and each thread reads its step's N values of B and C in two vector loads; ``selective_scan`` copies other
+layouts so (``channels_last``, a tiled transpose kernel) and copies the output back.
 
 Forward, at step t (position p = t, or L - 1 - t when reversed):
 
@@ -349,6 +350,36 @@ def _flags(D, z, delta_bias, delta_softplus, reverse):
                 SOFTPLUS=delta_softplus)
 
 
+@triton.jit
+def _transpose_kernel(x_ptr, y_ptr, X, Y, sx_b, sx_x, sx_y, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """y[b, j, i] = x[b, i, j] for x (batch, X, Y) at any strides and y a dense (batch, Y, X): one
+    (BLOCK_X, BLOCK_Y) tile per program, read along x's rows and written along y's (Triton turns the tile
+    round in shared memory)."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    j = tl.program_id(2) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    mask = (i[:, None] < X) & (j[None, :] < Y)
+    tile = tl.load(x_ptr + b * sx_b + i[:, None] * sx_x + j[None, :] * sx_y, mask=mask)
+    tl.store(y_ptr + b * X * Y + j[None, :] * X + i[:, None], tile, mask=mask)
+
+
+def transposed(x):
+    """x (batch, X, Y) -> a dense (batch, Y, X) copy of x.transpose(1, 2); about 5x the speed of PyTorch's
+    ``x.transpose(1, 2).contiguous()`` on an H100 (2.6-2.9 TB/s, BENCHMARKS.md)."""
+    batch, X, Y = x.shape
+    y = torch.empty(batch, Y, X, device=x.device, dtype=x.dtype)
+    grid = (batch, triton.cdiv(X, 64), triton.cdiv(Y, 64))
+    _transpose_kernel[grid](x, y, X, Y, *x.stride(), BLOCK_X=64, BLOCK_Y=64, num_warps=4)
+    return y
+
+
+def channels_last(t):
+    """A (batch, dim, L) tensor with its channels contiguous at each position, which a step reads as one run:
+    t itself where they are (e.g. a transposed view of a (batch, L, dim) activation), else a copy laid out so.
+    mamba_ssm's contiguous (batch, dim, L) scans faster copied so, forward and backward (BENCHMARKS.md)."""
+    return t if t is None or t.stride(1) == 1 else transposed(t).transpose(1, 2)
+
+
 def states_last(B, C):
     """B and C (batch, G, N, L) sharing strides with their N states contiguous at each position: the inputs as
     they are where they already do (e.g. views of one (batch, L, 2N) projection), else copies laid out so."""
@@ -372,11 +403,10 @@ def _dense_like(t, dtype=None):
 
 # A scan with fewer programs (batch x channel blocks) than SEGMENT_BELOW is split along the sequence into
 # segments until there are about SEGMENT_TARGET programs, in the forward kernel's launches and the backward's
-# (H100 sweep, BENCHMARKS.md: with 1536 programs one segment is best; with 384, 16 forward segments). Inputs
-# that are not channels-last (each step's channels far apart) lose cache lines between the steps of more
-# programs: they keep to 1536 forward and one backward segment (a 2.7x slower forward at 1248 px otherwise).
+# (H100 sweep on channels-last inputs, which vssm.kernels.selective_scan always passes, BENCHMARKS.md: with
+# 1536 programs one segment is best; with 384, 16 forward segments).
 SEGMENT_BELOW = 1536
-SEGMENT_TARGET = {True: dict(forward=6144, backward=3072), False: dict(forward=1536, backward=1)}
+SEGMENT_TARGET = dict(forward=6144, backward=3072)
 
 
 def _segments(programs, L, target):
@@ -402,7 +432,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     else:
         out = _dense_like(u, out_dtype)
         last = torch.empty(batch, dim, N, **f32)
-    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET[u.stride(1) == 1]["forward"])
+    seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET["forward"])
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(L, seg_len))
     seg_states = torch.empty(batch, grid[2], N, dim, **f32) if grid[2] > 1 else None
     seg_dt = torch.empty(batch, grid[2], dim, **f32) if grid[2] > 1 else None
@@ -425,8 +455,9 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     G, N = B.shape[1], B.shape[2]
     cfg = _config(dim, N, dim // G)
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, write_chunk_states=True)
+    dout = channels_last(dout)
     blocks = triton.cdiv(dim, cfg["BLOCK_D"])
-    seg_len = _segments(batch * blocks, L, SEGMENT_TARGET[u.stride(1) == 1]["backward"])
+    seg_len = _segments(batch * blocks, L, SEGMENT_TARGET["backward"])
     grid = (batch, blocks, triton.cdiv(L, seg_len))
     f32 = dict(device=u.device, dtype=torch.float32)
     scratch = torch.empty(batch * blocks * grid[2] * CHUNK * cfg["BLOCK_D"] * cfg["BLOCK_N"], **f32)

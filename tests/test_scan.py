@@ -317,13 +317,33 @@ def test_triton_stepped_channels_last_views(reverse, L):
         assert rel_err(gr, gt) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_copy(dtype):
+    """The stepped kernels' layout copy: (batch, X, Y) at any strides -> dense (batch, Y, X), bit for bit,
+    across tile edges (X, Y not multiples of the 64 x 64 tiles)."""
+    from vssm.kernels.triton_step import transposed
+    x = torch.randn(3, 150, 70, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    for view in (x, x[:, 5:140:2], x.transpose(1, 2)):
+        y = transposed(view)
+        assert y.is_contiguous() and y.dtype == dtype
+        assert torch.equal(y, view.transpose(1, 2))
+
+
 def test_triton_stepped_output_takes_the_input_layout():
-    """mamba_ssm's layout, contiguous (batch, dim, L), gets a contiguous y (and the truth's values); the
-    channels-last views Vim passes get y channels-last."""
+    """mamba_ssm's layout, contiguous (batch, dim, L): the stepped kernels scan channels-last copies and hand
+    y back contiguous (with the truth's values, and the truth's gradients through the copies); the
+    channels-last views Vim passes get y channels-last, with no copies."""
     inputs = make_inputs(2, 8, 16, 23, 0, torch.float32, DEVICE)
     y = selective_scan(**inputs, delta_softplus=True, backend="triton")
     assert y.is_contiguous()
-    assert rel_err(y, loop_scan(**inputs, delta_softplus=True)[0]) < TOL[torch.float32]
+    truth = loop_scan(**inputs, delta_softplus=True)[0]
+    assert rel_err(y, truth) < TOL[torch.float32]
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)  # contiguous dout
+    names = [k for k, v in inputs.items() if v is not None]
+    grads = torch.autograd.grad((y * gy).sum(), [inputs[k] for k in names])
+    grads_truth = torch.autograd.grad((truth * gy.double()).sum(), [inputs[k] for k in names])
+    for name, gr, gt in zip(names, grads, grads_truth):
+        assert rel_err(gr, gt) < TOL[torch.float32], name
     with torch.no_grad():
         assert selective_scan(**inputs, delta_softplus=True, backend="triton").is_contiguous()
     views = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
