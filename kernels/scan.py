@@ -201,8 +201,8 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         kernels, delta_softplus, reverse, hw = ctx.options
-        if dout is None:
-            dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32)
+        if dout is None:  # only the last state was used
+            dout = torch.zeros_like(u, dtype=torch.float32)  # in u's layout, which the kernels read fastest
         if dlast is not None:
             dlast = dlast.float().contiguous()
         grads = kernels.scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw)

@@ -317,6 +317,24 @@ def test_triton_stepped_channels_last_views(reverse, L):
         assert rel_err(gr, gt) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("N", [4, 16])
+def test_triton_gradients_through_the_last_state_alone(N):
+    """y unused, only the last state in the loss: the backward gets no dout (it scans zeros) and must still give
+    every gradient of the truth; chunked (N = 4) and stepped (N = 16) kernels."""
+    inputs = make_inputs(2, 8, N, 37, 0, torch.float32, DEVICE)
+    _, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="triton")
+    _, truth = loop_scan(**inputs, delta_softplus=True)
+    gh = torch.randn(last.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    names = ["u", "delta", "A", "B", "delta_bias"]  # the last state does not depend on C, D or z
+    grads = torch.autograd.grad((last * gh).sum(), [inputs[k] for k in names])
+    grads_truth = torch.autograd.grad((truth * gh.double()).sum(), [inputs[k] for k in names])
+    for name, g, gt in zip(names, grads, grads_truth):
+        assert rel_err(g, gt) < TOL[torch.float32], name
+    _, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="triton")
+    for name, g in zip("CDz", torch.autograd.grad((last * gh).sum(), [inputs[k] for k in "CDz"])):
+        assert torch.count_nonzero(g) == 0, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transposed_copy(dtype):
     """The stepped kernels' layout copy: (batch, X, Y) at any strides -> dense (batch, Y, X), bit for bit,
