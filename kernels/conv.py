@@ -13,7 +13,7 @@ Under torch.compile the torch path is taken.
 import torch
 import torch.nn.functional as F
 
-from .scan import _check_tensors, _expect, scan_backend
+from .scan import _check_tensors, _expect, _needs_grad, scan_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref"]
 
@@ -64,7 +64,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, backend=
     silu = activation is not None
     if torch.compiler.is_compiling() or scan_backend(x.device, x.dtype, backend) == "torch":
         return causal_conv1d_ref(x, weight, bias, activation, reverse)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if _needs_grad(x, weight, bias):
         return _TritonCausalConv1d.apply(x, weight, bias, silu, reverse)
     from .triton_conv import conv_fwd  # inference: no autograd.Function around the kernel
     return conv_fwd(x, weight, bias, reverse, silu)

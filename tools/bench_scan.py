@@ -8,7 +8,8 @@ imported, mamba_ssm's CUDA kernel (``selective_scan_cuda``), at Vim-T and VMamba
 
 Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph): GPU time, without Python's launch
 overhead, which tools/benchmark.py measures on whole models; the torch reference is timed plainly. "fwd GB/s"
-counts each input read once and the output written once. Memory is the peak allocated during forward+backward above what the inputs already hold.
+counts each input read once and the output written once. Memory is the peak allocated during forward+backward
+above what the inputs already hold.
 """
 import argparse
 import json

@@ -98,8 +98,6 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
         def step():
             with torch.inference_mode(), autocast:
                 model(x)
-        if cuda_graph:
-            step = graphed(step)
     else:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=cuda_graph)
@@ -111,8 +109,8 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: they count as resident memory
-        if cuda_graph:
-            step = graphed(step)
+    if cuda_graph:
+        step = graphed(step)
     seconds, peak = time_step(step, device, warmup, iters)
     if cuda_graph:
         peak = None  # a graph's memory is allocated at capture, before time_step's baseline
