@@ -1,12 +1,14 @@
-"""Triton selective scan, stepped: one position per loop iteration, the state in registers.
+"""Triton selective scan, stepped: one position at a time, the state in registers.
 
 For large states (N = 16, Vim and DiffuSSM) this beats the chunked associative scan of ``triton_scan``:
-each program owns BLOCK_D channels x N states of one batch row, as an (N, BLOCK_D) tile in which every
-thread holds all N states of one channel, so the sums over the states stay inside a thread and the per-channel
-work (softplus, gate) is done once. The only serial dependency between steps is one multiply-add per state
-element; each step's inputs are loaded one iteration ahead, so their latency overlaps the previous step's
-arithmetic. The chunked kernels stay in use for N < 8 and for the fused cross-scan, where the per-step work
-is too small.
+each program (one warp) owns BLOCK_D = 32 channels x N states of one batch row as an (N, BLOCK_D) tile, which
+Triton lays out as 4 channels x 4 states per thread (8 lanes along the channels, 4 along the states); the
+per-channel work (softplus, gate) is done once per channel and handed to the tile through shared memory, and
+the sums over the states take two shuffles. The only serial dependency between steps is one multiply-add per
+state element. The forward walks two steps per loop iteration with their inputs loaded one iteration ahead,
+so the compiler can overlap one step's softplus and exponentials with the other's sums (1.03-1.10x over one
+step per iteration on an H100, BENCHMARKS.md). The chunked kernels stay in use for N < 8 and for the fused
+cross-scan, where the per-step work is too small.
 
 Plain scans only (one direction, forward or ``reverse``); shapes as in ``triton_scan`` with K = 1:
 u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,). Every tensor is
@@ -102,6 +104,45 @@ def _store_summary(h, dt_sum, summary_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd,
 
 
 @triton.jit
+def _load_step(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l,
+               mask_d, mask_n, WRITE_OUT: tl.constexpr, HAS_Z: tl.constexpr):
+    """u, delta, B, C and z at position p (zeros where not valid; C and z only when they are used)."""
+    # valid is a scalar, applied with tl.where (Triton 3.9's interpreter turns bool & bool into int32)
+    mask_d, mask_n = tl.where(valid, mask_d, False), tl.where(valid, mask_n, False)
+    u = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+    delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+    B = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+    C, z = B, u  # placeholders where C or z is not read
+    if WRITE_OUT:
+        C = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+        if HAS_Z:
+            z = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
+    return u, delta, B, C, z
+
+
+@triton.jit
+def _fwd_step(h, dt_sum, p, valid, u, delta, Bt, Ct, zt, A2, Dd, bias, out_ptr, out_row, so_l, mask_d,
+              SOFTPLUS: tl.constexpr, SUMMARY: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr):
+    """One step at position p (h unchanged where not valid: dt = 0); returns the new state and the summed dt."""
+    u, Bt = u.to(tl.float32), Bt.to(tl.float32)
+    _, dt = _time_step(delta, bias, SOFTPLUS)
+    dt = tl.where(valid, dt, 0.0)
+    if SUMMARY:
+        dt_sum += dt
+    h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+    if WRITE_OUT:
+        y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
+        if HAS_D:
+            y += Dd * u
+        if HAS_Z:
+            zt = zt.to(tl.float32)
+            y *= zt * tl.sigmoid(zt)
+        tl.store(out_ptr + out_row + p * so_l, y, mask=tl.where(valid, mask_d, False))
+    return h, dt_sum
+
+
+@triton.jit
 def _scan_fwd_step_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, chunk_state_ptr,
     seg_state_ptr, seg_dt_ptr, dim, L, channels_per_group, seg_len,
@@ -132,42 +173,29 @@ def _scan_fwd_step_kernel(
             h = _across_segment(h, s, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N, A)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     state = (b * tl.cdiv(L, CHUNK) * N + n[:, None]) * dim + d[None, :]  # offset of the first chunk's state
+    step = -1 if REVERSE else 1
     p = L - 1 - t_begin if REVERSE else t_begin  # the position of step t
-    nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
-    nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
-    nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-    nC, nz = nB, nu  # placeholders where C or z is not read
-    if WRITE_OUT:
-        nC = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-        if HAS_Z:
-            nz = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
-    for t in range(t_begin, t_end):
+    # two steps per iteration, their inputs loaded one iteration ahead
+    u0, dl0, B0, C0, z0 = _load_step(p, t_begin < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row,
+                                     z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
+    u1, dl1, B1, C1, z1 = _load_step(p + step, t_begin + 1 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
+                                     dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
+    for t in range(t_begin, t_end, 2):
         if WRITE_CHUNK_STATES:
             if t % CHUNK == 0:
                 tl.store(chunk_state_ptr + state + (t // CHUNK) * N * dim, h, mask=mask_nd)
-        u, delta, Bt, Ct, zt = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32), nz.to(tl.float32)
-        q = L - 2 - t if REVERSE else t + 1  # the next step's position
-        more = t + 1 < t_end  # a scalar condition, applied with tl.where (Triton 3.9's interpreter turns bool & bool into int32)
-        more_d, more_n = tl.where(more, mask_d, False), tl.where(more, mask_n, False)
-        nu = tl.load(u_ptr + row + q * su_l, mask=more_d, other=0.0)
-        nd = tl.load(delta_ptr + dt_row + q * sdt_l, mask=more_d, other=0.0)
-        nB = tl.load(B_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
-        if WRITE_OUT:
-            nC = tl.load(C_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
-            if HAS_Z:
-                nz = tl.load(z_ptr + z_row + q * sz_l, mask=more_d, other=0.0)
-        _, dt = _time_step(delta, bias, SOFTPLUS)
-        if SUMMARY:
-            dt_sum += dt
-        h = tl.exp2(dt[None, :] * A) * h + Bt[:, None] * (dt * u)[None, :]
-        if WRITE_OUT:
-            y = tl.sum(h * Ct[:, None], axis=0)
-            if HAS_D:
-                y += Dd * u
-            if HAS_Z:
-                y *= zt * tl.sigmoid(zt)
-            tl.store(out_ptr + out_row + p * so_l, y, mask=mask_d)
-        p = q
+        cu0, cd0, cB0, cC0, cz0, cu1, cd1, cB1, cC1, cz1 = u0, dl0, B0, C0, z0, u1, dl1, B1, C1, z1
+        u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, t + 2 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
+                                         dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
+                                         HAS_Z)
+        u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, t + 3 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
+                                         dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
+                                         HAS_Z)
+        h, dt_sum = _fwd_step(h, dt_sum, p, True, cu0, cd0, cB0, cC0, cz0, A, Dd, bias, out_ptr, out_row, so_l,
+                              mask_d, SOFTPLUS, SUMMARY, WRITE_OUT, HAS_D, HAS_Z)
+        h, dt_sum = _fwd_step(h, dt_sum, p + step, t + 1 < t_end, cu1, cd1, cB1, cC1, cz1, A, Dd, bias, out_ptr,
+                              out_row, so_l, mask_d, SOFTPLUS, SUMMARY, WRITE_OUT, HAS_D, HAS_Z)
+        p += 2 * step
     if SUMMARY:
         _store_summary(h, dt_sum, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N)
     if WRITE_OUT:

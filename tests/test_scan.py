@@ -286,12 +286,13 @@ def test_triton_backward_takes_strided_output_gradients(N):
         assert rel_err(g, gt) < TOL[torch.float32], name
 
 
-@pytest.mark.parametrize("reverse, L", [(False, 29), (True, 29), (False, 150), (True, 150)])
+@pytest.mark.parametrize("reverse, L", [(False, 29), (True, 29), (False, 151), (True, 151)])
 def test_triton_stepped_channels_last_views(reverse, L):
     """The layout Vim passes: u, delta and z as (batch, dim, L) views of channels-last (batch, L, ...) tensors
     (z and u not dense: halves of one projection), B and C as views of one (batch, L, R + 2N) projection with
-    their states contiguous. Same truth, forward and every gradient. L = 150 splits the sequence into three
-    segments, forward and backward (few programs here)."""
+    their states contiguous. Same truth, forward and every gradient. L = 151 splits the sequence into three
+    segments, forward and backward (few programs here), the last of odd length (the forward walks two steps
+    at a time)."""
     batch, dim, N, R = 2, 40, 16, 3
     g = torch.Generator().manual_seed(5)
     xz = torch.randn(batch, L, 2 * dim, generator=g).to(DEVICE).requires_grad_()
