@@ -276,6 +276,7 @@ def _scan_bwd_step_kernel(
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dt_sum0 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # unused: the re-run needs no summed dt
     first_chunk = seg * seg_len // CHUNK
     last_chunk = tl.minimum(n_chunks, (seg + 1) * seg_len // CHUNK) - 1
     for i in range(last_chunk + 1 - first_chunk):
@@ -284,21 +285,26 @@ def _scan_bwd_step_kernel(
         steps = tl.minimum(CHUNK, L - t0)
         # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
         h = tl.load(state + chunk * N * dim, mask=mask_nd, other=0.0)
+        step = -1 if REVERSE else 1
         p = L - 1 - t0 if REVERSE else t0
-        nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
-        nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
-        nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-        for j in range(steps):
+        u0, dl0, B0, _, _ = _load_step(p, True, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row, bc_row, row,
+                                       su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
+        u1, dl1, B1, _, _ = _load_step(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row,
+                                       bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
+        # two steps per iteration, as in the forward kernel (_load_step and _fwd_step without C, z or output)
+        for j in range(0, steps, 2):
+            cu0, cd0, cB0, cu1, cd1, cB1 = u0, dl0, B0, u1, dl1, B1
+            u0, dl0, B0, _, _ = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
+                                           dt_row, bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
+            u1, dl1, B1, _, _ = _load_step(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
+                                           dt_row, bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
-            u, delta, Bt = nu.to(tl.float32), nd, nB.to(tl.float32)
-            p = L - 2 - (t0 + j) if REVERSE else t0 + j + 1
-            more = j + 1 < steps
-            more_d, more_n = tl.where(more, mask_d, False), tl.where(more, mask_n, False)
-            nu = tl.load(u_ptr + row + p * su_l, mask=more_d, other=0.0)
-            nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=more_d, other=0.0)
-            nB = tl.load(B_ptr + bc_row + p * sB_l, mask=more_n, other=0.0)
-            _, dt = _time_step(delta, bias, SOFTPLUS)
-            h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            h, dt_sum0 = _fwd_step(h, dt_sum0, p, True, cu0, cd0, cB0, cB0, cu0, A2, Dd, bias, du_ptr, g_row, so_l,
+                             mask_d, SOFTPLUS, False, False, False, False)
+            tl.store(scratch + (j + 1) * BLOCK_D * BLOCK_N, h)
+            h, dt_sum0 = _fwd_step(h, dt_sum0, p + step, j + 1 < steps, cu1, cd1, cB1, cB1, cu1, A2, Dd, bias, du_ptr, g_row,
+                             so_l, mask_d, SOFTPLUS, False, False, False, False)
+            p += 2 * step
         # walk it backward
         p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
         nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
