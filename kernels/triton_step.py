@@ -121,25 +121,24 @@ def _load_step(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_
 
 
 @triton.jit
-def _fwd_step(h, dt_sum, p, valid, u, delta, Bt, Ct, zt, A2, Dd, bias, out_ptr, out_row, so_l, mask_d,
-              SOFTPLUS: tl.constexpr, SUMMARY: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_D: tl.constexpr,
-              HAS_Z: tl.constexpr):
-    """One step at position p (h unchanged where not valid: dt = 0); returns the new state and the summed dt."""
-    u, Bt = u.to(tl.float32), Bt.to(tl.float32)
+def _advance(h, u, delta, Bt, A2, bias, valid, SOFTPLUS: tl.constexpr):
+    """The state after one step and the step's dt (dt = 0 where not valid, which leaves h as it is)."""
     _, dt = _time_step(delta, bias, SOFTPLUS)
     dt = tl.where(valid, dt, 0.0)
-    if SUMMARY:
-        dt_sum += dt
-    h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
-    if WRITE_OUT:
-        y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
-        if HAS_D:
-            y += Dd * u
-        if HAS_Z:
-            zt = zt.to(tl.float32)
-            y *= zt * tl.sigmoid(zt)
-        tl.store(out_ptr + out_row + p * so_l, y, mask=tl.where(valid, mask_d, False))
-    return h, dt_sum
+    return tl.exp2(dt[None, :] * A2) * h + Bt.to(tl.float32)[:, None] * (dt * u.to(tl.float32))[None, :], dt
+
+
+@triton.jit
+def _store_output(h, p, valid, u, Ct, zt, Dd, out_ptr, out_row, so_l, mask_d, HAS_D: tl.constexpr,
+                  HAS_Z: tl.constexpr):
+    """out at position p (where valid): <C, h> + D u, gated by silu(z)."""
+    y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
+    if HAS_D:
+        y += Dd * u.to(tl.float32)
+    if HAS_Z:
+        zt = zt.to(tl.float32)
+        y *= zt * tl.sigmoid(zt)
+    tl.store(out_ptr + out_row + p * so_l, y, mask=tl.where(valid, mask_d, False))
 
 
 @triton.jit
@@ -191,10 +190,15 @@ def _scan_fwd_step_kernel(
         u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, t + 3 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
                                          dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
                                          HAS_Z)
-        h, dt_sum = _fwd_step(h, dt_sum, p, True, cu0, cd0, cB0, cC0, cz0, A, Dd, bias, out_ptr, out_row, so_l,
-                              mask_d, SOFTPLUS, SUMMARY, WRITE_OUT, HAS_D, HAS_Z)
-        h, dt_sum = _fwd_step(h, dt_sum, p + step, t + 1 < t_end, cu1, cd1, cB1, cC1, cz1, A, Dd, bias, out_ptr,
-                              out_row, so_l, mask_d, SOFTPLUS, SUMMARY, WRITE_OUT, HAS_D, HAS_Z)
+        h, dt = _advance(h, cu0, cd0, cB0, A, bias, True, SOFTPLUS)
+        dt_sum += dt
+        if WRITE_OUT:
+            _store_output(h, p, True, cu0, cC0, cz0, Dd, out_ptr, out_row, so_l, mask_d, HAS_D, HAS_Z)
+        h, dt = _advance(h, cu1, cd1, cB1, A, bias, t + 1 < t_end, SOFTPLUS)
+        dt_sum += dt
+        if WRITE_OUT:
+            _store_output(h, p + step, t + 1 < t_end, cu1, cC1, cz1, Dd, out_ptr, out_row, so_l, mask_d, HAS_D,
+                          HAS_Z)
         p += 2 * step
     if SUMMARY:
         _store_summary(h, dt_sum, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N)
@@ -276,7 +280,7 @@ def _scan_bwd_step_kernel(
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dt_sum0 = tl.zeros((BLOCK_D,), dtype=tl.float32)  # unused: the re-run needs no summed dt
+    step = -1 if REVERSE else 1
     first_chunk = seg * seg_len // CHUNK
     last_chunk = tl.minimum(n_chunks, (seg + 1) * seg_len // CHUNK) - 1
     for i in range(last_chunk + 1 - first_chunk):
@@ -285,13 +289,12 @@ def _scan_bwd_step_kernel(
         steps = tl.minimum(CHUNK, L - t0)
         # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
         h = tl.load(state + chunk * N * dim, mask=mask_nd, other=0.0)
-        step = -1 if REVERSE else 1
         p = L - 1 - t0 if REVERSE else t0
         u0, dl0, B0, _, _ = _load_step(p, True, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row, bc_row, row,
                                        su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
         u1, dl1, B1, _, _ = _load_step(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row,
                                        bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
-        # two steps per iteration, as in the forward kernel (_load_step and _fwd_step without C, z or output)
+        # two steps per iteration, as in the forward kernel (B_ptr and u_ptr stand in for C and z: not read)
         for j in range(0, steps, 2):
             cu0, cd0, cB0, cu1, cd1, cB1 = u0, dl0, B0, u1, dl1, B1
             u0, dl0, B0, _, _ = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
@@ -299,11 +302,9 @@ def _scan_bwd_step_kernel(
             u1, dl1, B1, _, _ = _load_step(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
                                            dt_row, bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
-            h, dt_sum0 = _fwd_step(h, dt_sum0, p, True, cu0, cd0, cB0, cB0, cu0, A2, Dd, bias, du_ptr, g_row, so_l,
-                             mask_d, SOFTPLUS, False, False, False, False)
+            h = _advance(h, cu0, cd0, cB0, A2, bias, True, SOFTPLUS)[0]
             tl.store(scratch + (j + 1) * BLOCK_D * BLOCK_N, h)
-            h, dt_sum0 = _fwd_step(h, dt_sum0, p + step, j + 1 < steps, cu1, cd1, cB1, cB1, cu1, A2, Dd, bias, du_ptr, g_row,
-                             so_l, mask_d, SOFTPLUS, False, False, False, False)
+            h = _advance(h, cu1, cd1, cB1, A2, bias, j + 1 < steps, SOFTPLUS)[0]
             p += 2 * step
         # walk it backward
         p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
