@@ -24,7 +24,7 @@ Forward, at step t (position p = t, or L - 1 - t when reversed):
 
 Backward walks the steps from the last, with mu = a_{t+1} lam_{t+1} carried from the step after:
 
-    lam = C_t dy_t + mu;   du_t = <lam, dt_t B_t> + D dy_t;   ddt_t = <lam, B_t u_t> + <A, lam a_t h_{t-1}>
+    lam = C_t dy_t + mu;   du_t = dt_t <lam, B_t> + D dy_t;   ddt_t = u_t <lam, B_t> + <A, lam a_t h_{t-1}>
     dA += dt_t lam a_t h_{t-1};   dB_t, dC_t += sum_d lam dt_t u_t, h_t dy_t;   mu = a_t lam
 
 dB and dC are written as one partial sum per program, (batch, programs along dim, L, N), and summed over the
@@ -139,6 +139,75 @@ def _store_output(h, p, valid, u, Ct, zt, Dd, out_ptr, out_row, so_l, mask_d, HA
         zt = zt.to(tl.float32)
         y *= zt * tl.sigmoid(zt)
     tl.store(out_ptr + out_row + p * so_l, y, mask=tl.where(valid, mask_d, False))
+
+
+@triton.jit
+def _rerun_outputs(h, p, valid, u, Ct, zt, dy, Dd, dz_ptr, dC_ptr, part, g_row, so_l, mask_d, mask_n, N,
+                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """The backward's terms in h_t at position p (where valid): dz from y = <C, h> + D u, and this program's
+    partial dC = sum_d h dy with dy gated by silu(z)."""
+    dy = dy.to(tl.float32)
+    if HAS_Z:
+        zt = zt.to(tl.float32)
+        sig = tl.sigmoid(zt)
+        y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
+        if HAS_D:
+            y += Dd * u.to(tl.float32)
+        tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=tl.where(valid, mask_d, False))
+        dy = dy * zt * sig
+    tl.store(dC_ptr + part + p * N, tl.sum(h * dy[None, :], axis=1), mask=tl.where(valid, mask_n, False))
+
+
+@triton.jit
+def _load_back(p, valid, j, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row,
+               z_row, su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_Z: tl.constexpr):
+    """What backward step j of a chunk reads at position p: u, delta, B, C, dout and z (zeros where not valid)
+    and h_{t-1} from the scratch."""
+    mask_d, mask_n = tl.where(valid, mask_d, False), tl.where(valid, mask_n, False)
+    u = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+    delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+    B = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+    C = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+    dy = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
+    z = dy  # placeholder where there is no z
+    if HAS_Z:
+        z = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
+    return u, delta, B, C, dy, z
+
+
+@triton.jit
+def _step_back(mu, dA_acc, dD_acc, dbias_acc, p, valid, u, delta, Bt, Ct, dy, zt, h_prev, A, A2, Dd, bias, dB_ptr,
+               du_ptr, ddelta_ptr, part, g_row, so_l, mask_d, mask_n, N, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+               SOFTPLUS: tl.constexpr):
+    """One step of the backward walk at position p: writes du, ddelta and this program's partial dB, returns
+    mu for the step before and the updated dA, dD and dbias sums. Where not valid the inputs are zeros and
+    dt = 0, so mu and the sums pass through unchanged and nothing is written."""
+    u, Bt, Ct, dy = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32), dy.to(tl.float32)
+    dt_raw, dt = _time_step(delta, bias, SOFTPLUS)
+    dt = tl.where(valid, dt, 0.0)
+    a = tl.exp2(dt[None, :] * A2)
+    a_h = a * h_prev
+    if HAS_Z:
+        zt = zt.to(tl.float32)
+        dy = dy * zt * tl.sigmoid(zt)
+    lam = Ct[:, None] * dy[None, :] + mu  # zero outside the tile: dy, C and mu are loaded as zeros there
+    tl.store(dB_ptr + part + p * N, tl.sum(lam * (dt * u)[None, :], axis=1), mask=tl.where(valid, mask_n, False))
+    lam_B = tl.sum(lam * Bt[:, None], axis=0)  # <lam, B_t>, in both du and ddt
+    du = dt * lam_B
+    if HAS_D:
+        du += Dd * dy
+        dD_acc += dy * u
+    mask_d = tl.where(valid, mask_d, False)
+    tl.store(du_ptr + g_row + p * so_l, du, mask=mask_d)
+    lam_ah = lam * a_h
+    dA_acc += lam_ah * dt[None, :]
+    ddt = u * lam_B + tl.sum(lam_ah * A, axis=0)
+    if SOFTPLUS:
+        ddt *= tl.sigmoid(dt_raw)
+    dbias_acc += tl.where(mask_d, ddt, 0.0)
+    tl.store(ddelta_ptr + g_row + p * so_l, ddt, mask=mask_d)
+    return a * lam, dA_acc, dD_acc, dbias_acc
 
 
 @triton.jit
@@ -287,79 +356,66 @@ def _scan_bwd_step_kernel(
         chunk = last_chunk - i
         t0 = chunk * CHUNK
         steps = tl.minimum(CHUNK, L - t0)
-        # re-run the chunk forward, keeping h_{t-1} of every step in the scratch
+        # re-run the chunk forward, keeping h_{t-1} of every step in the scratch; the terms that need h_t
+        # itself (dC, and y for dz) are done here, two steps per iteration as in the forward kernel
         h = tl.load(state + chunk * N * dim, mask=mask_nd, other=0.0)
         p = L - 1 - t0 if REVERSE else t0
-        u0, dl0, B0, _, _ = _load_step(p, True, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row, bc_row, row,
-                                       su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
-        u1, dl1, B1, _, _ = _load_step(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row, dt_row,
-                                       bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
-        # two steps per iteration, as in the forward kernel (B_ptr and u_ptr stand in for C and z: not read)
+        u0, dl0, B0, C0, z0 = _load_step(p, True, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row, z_row,
+                                         su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True, HAS_Z)
+        u1, dl1, B1, C1, z1 = _load_step(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row,
+                                         bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True, HAS_Z)
+        dy0 = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
+        dy1 = tl.load(dout_ptr + do_row + (p + step) * sdo_l, mask=tl.where(1 < steps, mask_d, False), other=0.0)
         for j in range(0, steps, 2):
-            cu0, cd0, cB0, cu1, cd1, cB1 = u0, dl0, B0, u1, dl1, B1
-            u0, dl0, B0, _, _ = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
-                                           dt_row, bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
-            u1, dl1, B1, _, _ = _load_step(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, B_ptr, u_ptr, row,
-                                           dt_row, bc_row, row, su_l, sdt_l, sB_l, su_l, mask_d, mask_n, False, False)
+            cu0, cd0, cB0, cC0, cz0, cy0, cu1, cd1, cB1, cC1, cz1, cy1 = u0, dl0, B0, C0, z0, dy0, u1, dl1, B1, C1, z1, dy1
+            u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
+                                             dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True,
+                                             HAS_Z)
+            u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
+                                             dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True,
+                                             HAS_Z)
+            dy0 = tl.load(dout_ptr + do_row + (p + 2 * step) * sdo_l, mask=tl.where(j + 2 < steps, mask_d, False),
+                          other=0.0)
+            dy1 = tl.load(dout_ptr + do_row + (p + 3 * step) * sdo_l, mask=tl.where(j + 3 < steps, mask_d, False),
+                          other=0.0)
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
             h = _advance(h, cu0, cd0, cB0, A2, bias, True, SOFTPLUS)[0]
+            _rerun_outputs(h, p, True, cu0, cC0, cz0, cy0, Dd, dz_ptr, dC_ptr, part, g_row, so_l, mask_d, mask_n, N,
+                           HAS_D, HAS_Z)
             tl.store(scratch + (j + 1) * BLOCK_D * BLOCK_N, h)
             h = _advance(h, cu1, cd1, cB1, A2, bias, j + 1 < steps, SOFTPLUS)[0]
+            _rerun_outputs(h, p + step, j + 1 < steps, cu1, cC1, cz1, cy1, Dd, dz_ptr, dC_ptr, part, g_row, so_l,
+                           mask_d, mask_n, N, HAS_D, HAS_Z)
             p += 2 * step
-        # walk it backward
+        # walk it backward, two steps per iteration, their inputs loaded one iteration ahead
         p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
-        nu = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
-        nd = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
-        nB = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-        nC = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-        ndy = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
-        nz = ndy  # placeholder where there is no z
-        if HAS_Z:
-            nz = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
-        nh = tl.load(scratch + (steps - 1) * BLOCK_D * BLOCK_N)
-        for jj in range(steps):
+        u0, dl0, B0, C0, dy0, z0 = _load_back(p, True, steps - 1, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr,
+                                                  scratch, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l,
+                                                  sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N, HAS_Z)
+        u1, dl1, B1, C1, dy1, z1 = _load_back(p - step, steps > 1, steps - 2, u_ptr, delta_ptr, B_ptr, C_ptr,
+                                                  dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row, su_l,
+                                                  sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N, HAS_Z)
+        for jj in range(0, steps, 2):
             j = steps - 1 - jj
-            u, delta, Bt, Ct = nu.to(tl.float32), nd, nB.to(tl.float32), nC.to(tl.float32)
-            dy, zt, h_prev = ndy.to(tl.float32), nz.to(tl.float32), nh
-            q = L - 1 - (t0 + j - 1) if REVERSE else t0 + j - 1  # the next (earlier) step's position
-            more_d, more_n = tl.where(j > 0, mask_d, False), tl.where(j > 0, mask_n, False)
-            nu = tl.load(u_ptr + row + q * su_l, mask=more_d, other=0.0)
-            nd = tl.load(delta_ptr + dt_row + q * sdt_l, mask=more_d, other=0.0)
-            nB = tl.load(B_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
-            nC = tl.load(C_ptr + bc_row + q * sB_l, mask=more_n, other=0.0)
-            ndy = tl.load(dout_ptr + do_row + q * sdo_l, mask=more_d, other=0.0)
-            if HAS_Z:
-                nz = tl.load(z_ptr + z_row + q * sz_l, mask=more_d, other=0.0)
-            nh = tl.load(scratch + tl.maximum(j - 1, 0) * BLOCK_D * BLOCK_N)
-            dt_raw, dt = _time_step(delta, bias, SOFTPLUS)
-            a = tl.exp2(dt[None, :] * A2)
-            a_h = a * h_prev
-            h = a_h + Bt[:, None] * (dt * u)[None, :]
-            if HAS_Z:
-                sig = tl.sigmoid(zt)
-                y = tl.sum(h * Ct[:, None], axis=0)
-                if HAS_D:
-                    y += Dd * u
-                tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=mask_d)
-                dy = dy * zt * sig
-            lam = Ct[:, None] * dy[None, :] + mu  # zero outside the tile: dy, C and mu are loaded as zeros there
-            lam_dt = lam * dt[None, :]
-            tl.store(dB_ptr + part + p * N, tl.sum(lam_dt * u[None, :], axis=1), mask=mask_n)
-            tl.store(dC_ptr + part + p * N, tl.sum(h * dy[None, :], axis=1), mask=mask_n)
-            du = tl.sum(lam_dt * Bt[:, None], axis=0)
-            if HAS_D:
-                du += Dd * dy
-                dD_acc += dy * u
-            tl.store(du_ptr + g_row + p * so_l, du, mask=mask_d)
-            lam_ah = lam * a_h
-            dA_acc += lam_ah * dt[None, :]
-            ddt = tl.sum(lam * Bt[:, None] * u[None, :] + lam_ah * A, axis=0)
-            if SOFTPLUS:
-                ddt *= tl.sigmoid(dt_raw)
-            dbias_acc += tl.where(mask_d, ddt, 0.0)
-            tl.store(ddelta_ptr + g_row + p * so_l, ddt, mask=mask_d)
-            mu = a * lam
-            p = q
+            cu0, cd0, cB0, cC0, cy0, cz0 = u0, dl0, B0, C0, dy0, z0
+            cu1, cd1, cB1, cC1, cy1, cz1 = u1, dl1, B1, C1, dy1, z1
+            ch0 = tl.load(scratch + j * BLOCK_D * BLOCK_N)
+            ch1 = tl.load(scratch + tl.maximum(j - 1, 0) * BLOCK_D * BLOCK_N)
+            u0, dl0, B0, C0, dy0, z0 = _load_back(p - 2 * step, j >= 2, j - 2, u_ptr, delta_ptr, B_ptr, C_ptr,
+                                                      dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row,
+                                                      su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N,
+                                                      HAS_Z)
+            u1, dl1, B1, C1, dy1, z1 = _load_back(p - 3 * step, j >= 3, j - 3, u_ptr, delta_ptr, B_ptr, C_ptr,
+                                                      dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row,
+                                                      su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N,
+                                                      HAS_Z)
+            mu, dA_acc, dD_acc, dbias_acc = _step_back(mu, dA_acc, dD_acc, dbias_acc, p, True, cu0, cd0, cB0, cC0, cy0,
+                                                       cz0, ch0, A, A2, Dd, bias, dB_ptr, du_ptr, ddelta_ptr, part,
+                                                       g_row, so_l, mask_d, mask_n, N, HAS_D, HAS_Z, SOFTPLUS)
+            mu, dA_acc, dD_acc, dbias_acc = _step_back(mu, dA_acc, dD_acc, dbias_acc, p - step, j >= 1, cu1, cd1, cB1,
+                                                       cC1, cy1, cz1, ch1, A, A2, Dd, bias, dB_ptr, du_ptr, ddelta_ptr,
+                                                       part, g_row, so_l, mask_d, mask_n, N, HAS_D, HAS_Z, SOFTPLUS)
+            p -= 2 * step
     tl.atomic_add(dAt_ptr + n[:, None] * dim + d[None, :], dA_acc, mask=mask_nd)
     if HAS_D:
         tl.atomic_add(dD_ptr + d, dD_acc, mask=mask_d)
