@@ -33,7 +33,9 @@ bottleneck (BENCHMARKS.md).
 
 h_{t-1} is needed in reverse order: the forward pass of the backward writes the state entering every
 CHUNK-step chunk, (batch, L / CHUNK, N, dim); each chunk is then re-run forward into a per-program scratch of
-CHUNK states (small enough to stay in L2) and walked backward. No (batch, dim, L, N) tensor is stored.
+CHUNK states (small enough to stay in L2) and walked backward. No (batch, dim, L, N) tensor is stored. The
+terms in h_t itself, dC and y (for dz), are done in the re-run, which walks forward like the forward kernel;
+the backward walk then needs only h_{t-1}, and it too takes two steps per loop iteration.
 
 Few programs (batch x channel blocks, e.g. 384 for a batch of 32 at 1248 px) cannot keep an H100 busy, so both
 directions split the sequence into segments run by programs of their own. Forward: a summary pass runs each
