@@ -8,7 +8,9 @@ as it is and is the fast layout on CUDA); weight: (dim, K) or a Conv1d's (dim, 1
 activation: None or "silu" ("swish"). ``reverse=True`` is the anti-causal conv (position t sees t .. t+K-1
 with the taps in reverse order), i.e. the causal conv of the flipped sequence, flipped back, with no copies:
 Vim's backward direction. y has x's shape and dtype, laid out densely in x's stride order.
-Under torch.compile the torch path is taken.
+Under torch.compile on CUDA the forward-only (inference) kernel is traced into the graph like the scan's;
+where gradients are needed the PyTorch path is taken (with the autograd.Function traced, a compiled Vim's
+gradients came out wrong although the conv alone compiled correctly: BENCHMARKS.md, session 10).
 """
 import torch
 import torch.nn.functional as F
@@ -62,9 +64,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, backend=
     if activation not in _ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     silu = activation is not None
-    if torch.compiler.is_compiling() or scan_backend(x.device, x.dtype, backend) == "torch":
+    needs_grad = _needs_grad(x, weight, bias)
+    if scan_backend(x.device, x.dtype, backend) == "torch" or (needs_grad and torch.compiler.is_compiling()):
         return causal_conv1d_ref(x, weight, bias, activation, reverse)
-    if _needs_grad(x, weight, bias):
+    if needs_grad:
         return _TritonCausalConv1d.apply(x, weight, bias, silu, reverse)
     from .triton_conv import conv_fwd  # inference: no autograd.Function around the kernel
     return conv_fwd(x, weight, bias, reverse, silu)

@@ -311,6 +311,23 @@ def test_cuda_triton_matches_cpu_reference():
     assert_cuda_matches_cpu(model, torch.randn(4, 3, 224, 224), bf16_tol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: Dynamo traces the Triton kernels")
+def test_cuda_torch_compile_inference_traces_the_triton_conv(monkeypatch):
+    """Compiled inference on CUDA runs the Triton conv inside the graph (its PyTorch path, F.conv1d on
+    channels-first copies, is never called) and matches eager."""
+    import vssm.kernels.conv as conv
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's conv, both sides
+
+    def torch_path(*args, **kwargs):
+        raise AssertionError("causal_conv1d took its PyTorch path in compiled inference on CUDA")
+    model = randomize(timm.create_model("vim_tiny_patch16_224", depth=2, embed_dim=64)).cuda().eval()
+    img = torch.randn(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        ref = model(img)
+        monkeypatch.setattr(conv, "causal_conv1d_ref", torch_path)
+        torch.testing.assert_close(torch.compile(model)(img), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_compile_matches_eager():
     model = randomize(timm.create_model("vim_tiny_patch16_224", depth=2, embed_dim=32)).eval()
     img = torch.randn(2, 3, 64, 48)
