@@ -155,17 +155,16 @@ def _rerun_outputs(h, p, valid, u, Ct, zt, dy, Dd, dz_ptr, dC_ptr, part, g_row, 
         y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
         if HAS_D:
             y += Dd * u.to(tl.float32)
-        tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=tl.where(valid, mask_d, False))
+        tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)),
+                 mask=tl.where(valid, mask_d, False))
         dy = dy * zt * sig
     tl.store(dC_ptr + part + p * N, tl.sum(h * dy[None, :], axis=1), mask=tl.where(valid, mask_n, False))
 
 
 @triton.jit
-def _load_back(p, valid, j, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row,
-               z_row, su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_Z: tl.constexpr):
-    """What backward step j of a chunk reads at position p: u, delta, B, C, dout and z (zeros where not valid)
-    and h_{t-1} from the scratch."""
+def _load_back(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, row, dt_row, bc_row, do_row, z_row,
+               su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, HAS_Z: tl.constexpr):
+    """What a backward step reads at position p: u, delta, B, C, dout and z (zeros where not valid)."""
     mask_d, mask_n = tl.where(valid, mask_d, False), tl.where(valid, mask_n, False)
     u = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
     delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
@@ -369,7 +368,8 @@ def _scan_bwd_step_kernel(
         dy0 = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
         dy1 = tl.load(dout_ptr + do_row + (p + step) * sdo_l, mask=tl.where(1 < steps, mask_d, False), other=0.0)
         for j in range(0, steps, 2):
-            cu0, cd0, cB0, cC0, cz0, cy0, cu1, cd1, cB1, cC1, cz1, cy1 = u0, dl0, B0, C0, z0, dy0, u1, dl1, B1, C1, z1, dy1
+            cu0, cd0, cB0, cC0, cz0, cy0 = u0, dl0, B0, C0, z0, dy0
+            cu1, cd1, cB1, cC1, cz1, cy1 = u1, dl1, B1, C1, z1, dy1
             u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
                                              dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True,
                                              HAS_Z)
@@ -389,28 +389,27 @@ def _scan_bwd_step_kernel(
             _rerun_outputs(h, p + step, j + 1 < steps, cu1, cC1, cz1, cy1, Dd, dz_ptr, dC_ptr, part, g_row, so_l,
                            mask_d, mask_n, N, HAS_D, HAS_Z)
             p += 2 * step
-        # walk it backward, two steps per iteration, their inputs loaded one iteration ahead
+        # walk it backward, two steps per iteration, their inputs loaded one iteration ahead (h_{t-1} is read
+        # from the scratch in the iteration itself: prefetched too, it spilled registers)
         p = L - 1 - (t0 + steps - 1) if REVERSE else t0 + steps - 1
-        u0, dl0, B0, C0, dy0, z0 = _load_back(p, True, steps - 1, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr,
-                                                  scratch, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l,
-                                                  sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N, HAS_Z)
-        u1, dl1, B1, C1, dy1, z1 = _load_back(p - step, steps > 1, steps - 2, u_ptr, delta_ptr, B_ptr, C_ptr,
-                                                  dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row, su_l,
-                                                  sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N, HAS_Z)
+        u0, dl0, B0, C0, dy0, z0 = _load_back(p, True, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, row, dt_row,
+                                              bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n,
+                                              HAS_Z)
+        u1, dl1, B1, C1, dy1, z1 = _load_back(p - step, steps > 1, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr,
+                                              row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l, sz_l,
+                                              mask_d, mask_n, HAS_Z)
         for jj in range(0, steps, 2):
             j = steps - 1 - jj
             cu0, cd0, cB0, cC0, cy0, cz0 = u0, dl0, B0, C0, dy0, z0
             cu1, cd1, cB1, cC1, cy1, cz1 = u1, dl1, B1, C1, dy1, z1
             ch0 = tl.load(scratch + j * BLOCK_D * BLOCK_N)
             ch1 = tl.load(scratch + tl.maximum(j - 1, 0) * BLOCK_D * BLOCK_N)
-            u0, dl0, B0, C0, dy0, z0 = _load_back(p - 2 * step, j >= 2, j - 2, u_ptr, delta_ptr, B_ptr, C_ptr,
-                                                      dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row,
-                                                      su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N,
-                                                      HAS_Z)
-            u1, dl1, B1, C1, dy1, z1 = _load_back(p - 3 * step, j >= 3, j - 3, u_ptr, delta_ptr, B_ptr, C_ptr,
-                                                      dout_ptr, z_ptr, scratch, row, dt_row, bc_row, do_row, z_row,
-                                                      su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, BLOCK_D, BLOCK_N,
-                                                      HAS_Z)
+            u0, dl0, B0, C0, dy0, z0 = _load_back(p - 2 * step, j >= 2, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr,
+                                                  z_ptr, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l,
+                                                  sz_l, mask_d, mask_n, HAS_Z)
+            u1, dl1, B1, C1, dy1, z1 = _load_back(p - 3 * step, j >= 3, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr,
+                                                  z_ptr, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l,
+                                                  sz_l, mask_d, mask_n, HAS_Z)
             mu, dA_acc, dD_acc, dbias_acc = _step_back(mu, dA_acc, dD_acc, dbias_acc, p, True, cu0, cd0, cB0, cC0, cy0,
                                                        cz0, ch0, A, A2, Dd, bias, dB_ptr, du_ptr, ddelta_ptr, part,
                                                        g_row, so_l, mask_d, mask_n, N, HAS_D, HAS_Z, SOFTPLUS)
