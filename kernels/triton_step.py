@@ -131,12 +131,19 @@ def _advance(h, u, delta, Bt, A2, bias, valid, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _store_output(h, p, valid, u, Ct, zt, Dd, out_ptr, out_row, so_l, mask_d, HAS_D: tl.constexpr,
-                  HAS_Z: tl.constexpr):
-    """out at position p (where valid): <C, h> + D u, gated by silu(z)."""
+def _y(h, Ct, u, Dd, HAS_D: tl.constexpr):
+    """y = <C, h> + D u, per channel."""
     y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
     if HAS_D:
         y += Dd * u.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _store_output(h, p, valid, u, Ct, zt, Dd, out_ptr, out_row, so_l, mask_d, HAS_D: tl.constexpr,
+                  HAS_Z: tl.constexpr):
+    """out at position p (where valid): <C, h> + D u, gated by silu(z)."""
+    y = _y(h, Ct, u, Dd, HAS_D)
     if HAS_Z:
         zt = zt.to(tl.float32)
         y *= zt * tl.sigmoid(zt)
@@ -152,10 +159,7 @@ def _rerun_outputs(h, p, valid, u, Ct, zt, dy, Dd, dz_ptr, dC_ptr, part, g_row, 
     if HAS_Z:
         zt = zt.to(tl.float32)
         sig = tl.sigmoid(zt)
-        y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
-        if HAS_D:
-            y += Dd * u.to(tl.float32)
-        tl.store(dz_ptr + g_row + p * so_l, dy * y * sig * (1.0 + zt * (1.0 - sig)),
+        tl.store(dz_ptr + g_row + p * so_l, dy * _y(h, Ct, u, Dd, HAS_D) * sig * (1.0 + zt * (1.0 - sig)),
                  mask=tl.where(valid, mask_d, False))
         dy = dy * zt * sig
     tl.store(dC_ptr + part + p * N, tl.sum(h * dy[None, :], axis=1), mask=tl.where(valid, mask_n, False))
@@ -164,16 +168,11 @@ def _rerun_outputs(h, p, valid, u, Ct, zt, dy, Dd, dz_ptr, dC_ptr, part, g_row, 
 @triton.jit
 def _load_back(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, row, dt_row, bc_row, do_row, z_row,
                su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n, HAS_Z: tl.constexpr):
-    """What a backward step reads at position p: u, delta, B, C, dout and z (zeros where not valid)."""
-    mask_d, mask_n = tl.where(valid, mask_d, False), tl.where(valid, mask_n, False)
-    u = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
-    delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
-    B = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-    C = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
-    dy = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
-    z = dy  # placeholder where there is no z
-    if HAS_Z:
-        z = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
+    """What a step of the backward (its re-run and its walk) reads at position p: the forward's u, delta, B, C
+    and z, and dout (zeros where not valid)."""
+    u, delta, B, C, z = _load_step(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row, z_row,
+                                   su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True, HAS_Z)
+    dy = tl.load(dout_ptr + do_row + p * sdo_l, mask=tl.where(valid, mask_d, False), other=0.0)
     return u, delta, B, C, dy, z
 
 
@@ -361,25 +360,21 @@ def _scan_bwd_step_kernel(
         # itself (dC, and y for dz) are done here, two steps per iteration as in the forward kernel
         h = tl.load(state + chunk * N * dim, mask=mask_nd, other=0.0)
         p = L - 1 - t0 if REVERSE else t0
-        u0, dl0, B0, C0, z0 = _load_step(p, True, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row, z_row,
-                                         su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True, HAS_Z)
-        u1, dl1, B1, C1, z1 = _load_step(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row,
-                                         bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True, HAS_Z)
-        dy0 = tl.load(dout_ptr + do_row + p * sdo_l, mask=mask_d, other=0.0)
-        dy1 = tl.load(dout_ptr + do_row + (p + step) * sdo_l, mask=tl.where(1 < steps, mask_d, False), other=0.0)
+        u0, dl0, B0, C0, dy0, z0 = _load_back(p, True, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, row, dt_row,
+                                              bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l, sz_l, mask_d, mask_n,
+                                              HAS_Z)
+        u1, dl1, B1, C1, dy1, z1 = _load_back(p + step, 1 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, dout_ptr, z_ptr,
+                                              row, dt_row, bc_row, do_row, z_row, su_l, sdt_l, sB_l, sdo_l, sz_l,
+                                              mask_d, mask_n, HAS_Z)
         for j in range(0, steps, 2):
             cu0, cd0, cB0, cC0, cz0, cy0 = u0, dl0, B0, C0, z0, dy0
             cu1, cd1, cB1, cC1, cz1, cy1 = u1, dl1, B1, C1, z1, dy1
-            u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
-                                             dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True,
-                                             HAS_Z)
-            u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
-                                             dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, True,
-                                             HAS_Z)
-            dy0 = tl.load(dout_ptr + do_row + (p + 2 * step) * sdo_l, mask=tl.where(j + 2 < steps, mask_d, False),
-                          other=0.0)
-            dy1 = tl.load(dout_ptr + do_row + (p + 3 * step) * sdo_l, mask=tl.where(j + 3 < steps, mask_d, False),
-                          other=0.0)
+            u0, dl0, B0, C0, dy0, z0 = _load_back(p + 2 * step, j + 2 < steps, u_ptr, delta_ptr, B_ptr, C_ptr,
+                                                  dout_ptr, z_ptr, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l,
+                                                  sB_l, sdo_l, sz_l, mask_d, mask_n, HAS_Z)
+            u1, dl1, B1, C1, dy1, z1 = _load_back(p + 3 * step, j + 3 < steps, u_ptr, delta_ptr, B_ptr, C_ptr,
+                                                  dout_ptr, z_ptr, row, dt_row, bc_row, do_row, z_row, su_l, sdt_l,
+                                                  sB_l, sdo_l, sz_l, mask_d, mask_n, HAS_Z)
             tl.store(scratch + j * BLOCK_D * BLOCK_N, h)
             h = _advance(h, cu0, cd0, cB0, A2, bias, True, SOFTPLUS)[0]
             _rerun_outputs(h, p, True, cu0, cC0, cz0, cy0, Dd, dz_ptr, dC_ptr, part, g_row, so_l, mask_d, mask_n, N,
