@@ -8,10 +8,11 @@ as it is and is the fast layout on CUDA); weight: (dim, K) or a Conv1d's (dim, 1
 activation: None or "silu" ("swish"). ``reverse=True`` is the anti-causal conv (position t sees t .. t+K-1
 with the taps in reverse order), i.e. the causal conv of the flipped sequence, flipped back, with no copies:
 Vim's backward direction. y has x's shape and dtype, laid out densely in x's stride order.
-Under torch.compile on CUDA the forward-only (inference) kernel is traced into the graph like the scan's;
-where gradients are needed the PyTorch path is taken (with the autograd.Function traced, a compiled Vim's
-gradients came out wrong although the conv alone compiled correctly: BENCHMARKS.md, session 10).
+On CUDA the kernels are two custom ops (torch.library): torch.compile sees only their shapes and strides, so
+compiled inference and training run the same kernels as eager.
 """
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -32,20 +33,50 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, reverse=False):
     return (F.silu(y) if activation is not None else y).to(x.dtype)
 
 
-class _TritonCausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu, reverse):
-        from .triton_conv import conv_fwd
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu, ctx.reverse = silu, reverse
-        return conv_fwd(x, weight, bias, reverse, silu)
+# The Triton path as two opaque custom ops: under torch.compile Inductor sees only their fake (shape and
+# stride) implementations, so it can neither lay the kernels' inputs out differently from what the wrappers
+# read as strides nor clone their output buffers into other layouts.
+@torch.library.custom_op("vssm::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
+                 reverse: bool) -> torch.Tensor:
+    from .triton_conv import conv_fwd
+    return conv_fwd(x, weight, bias, reverse, silu)
 
-    @staticmethod
-    def backward(ctx, dy):
-        from .triton_conv import conv_bwd
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = conv_bwd(x, weight, bias, dy, ctx.reverse, ctx.silu)
-        return dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None, None, None
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, silu, reverse):
+    from .triton_step import _dense_like
+    return _dense_like(x)
+
+
+@torch.library.custom_op("vssm::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dy: torch.Tensor, silu: bool,
+                 reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_conv import conv_bwd
+    dx, dw, db = conv_bwd(x, weight, bias, dy, reverse, silu)
+    return dx, dw.contiguous(), db
+
+
+@_conv_bwd_op.register_fake
+def _(x, weight, bias, dy, silu, reverse):
+    from .triton_step import _dense_like
+    dim, K = weight.shape[0], weight.shape[-1]
+    return _dense_like(x), x.new_empty(dim, K, dtype=torch.float32), x.new_empty(dim, dtype=torch.float32)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu, ctx.reverse = silu, reverse
+
+
+def _conv_backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(x, weight, bias, dy, ctx.silu, ctx.reverse)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None, None, None
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, backend="auto"):
@@ -64,10 +95,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, reverse=False, backend=
     if activation not in _ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     silu = activation is not None
-    needs_grad = _needs_grad(x, weight, bias)
-    if scan_backend(x.device, x.dtype, backend) == "torch" or (needs_grad and torch.compiler.is_compiling()):
+    if scan_backend(x.device, x.dtype, backend) == "torch":
         return causal_conv1d_ref(x, weight, bias, activation, reverse)
-    if needs_grad:
-        return _TritonCausalConv1d.apply(x, weight, bias, silu, reverse)
-    from .triton_conv import conv_fwd  # inference: no autograd.Function around the kernel
-    return conv_fwd(x, weight, bias, reverse, silu)
+    if not torch.compiler.is_compiling() and not _needs_grad(x, weight, bias):
+        from .triton_conv import conv_fwd  # eager inference: the kernel without the custom op's dispatch
+        return conv_fwd(x, weight, bias, reverse, silu)
+    return _conv_fwd_op(x, weight, bias, silu, reverse)

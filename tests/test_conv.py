@@ -84,6 +84,31 @@ def test_strided_views_and_inference_path():
     torch.testing.assert_close(gx.double().cpu(), rx, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_compile_runs_the_kernels_with_gradients(monkeypatch):
+    """Under torch.compile (fullgraph, Inductor) the Triton path is kept, forward and backward, and gives eager's
+    values on a channel slice of a channels-last projection (the layout whose strides Inductor must not change
+    under the kernels)."""
+    import vssm.kernels.conv as conv
+
+    def torch_path(*args, **kwargs):
+        raise AssertionError("causal_conv1d took its PyTorch path under torch.compile")
+    g = torch.Generator().manual_seed(7)
+    proj = torch.randn(2, 30, 2 * 16, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(16, 1, 4, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(16, generator=g).to(DEVICE).requires_grad_()
+
+    def f(proj, w, b):
+        x = (proj[..., :16] * 2).transpose(1, 2)
+        return causal_conv1d(x, w, b, "silu", reverse=True, backend="triton").transpose(1, 2) * proj[..., 16:]
+    ref = f(proj, w, b)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (proj, w, b))
+    monkeypatch.setattr(conv, "causal_conv1d_ref", torch_path)
+    out = torch.compile(f, fullgraph=True)(proj, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("proj", "w", "b"), torch.autograd.grad(out.square().sum(), (proj, w, b)), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_bad_arguments_name_the_argument():
     x = torch.randn(2, 8, 10)
     with pytest.raises(ValueError, match=r"weight must be \(dim, K\) .* dim = 8"):
