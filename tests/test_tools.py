@@ -57,6 +57,22 @@ def test_benchmark_cli_cuda_graph_needs_cuda(capsys):
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
+def test_benchmark_cli_compile_mode(monkeypatch, capsys):
+    """--compile alone compiles in torch's default mode, --compile MODE in that mode; unknown modes are refused."""
+    benchmark = load_tool("benchmark")
+    modes = []
+    monkeypatch.setattr(benchmark.torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    args = ["--models", "vim_tiny_patch16_224", "--device", "cpu", "--img-size", "32", "--batch-size", "1",
+            "--mode", "infer", "--warmup", "0", "--iters", "1", "--model-kwargs", '{"depth": 1, "embed_dim": 16}']
+    benchmark.main(args + ["--compile"])
+    benchmark.main(args + ["--compile", "reduce-overhead"])
+    benchmark.main(args)
+    assert modes == ["default", "reduce-overhead"]
+    with pytest.raises(SystemExit):
+        benchmark.main(args + ["--compile", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 class _ConvNormScan(torch.nn.Module):
     """A 3x3 conv (3 -> 4 channels), a LayerNorm over the channels and one selective scan over the map."""
 

@@ -81,13 +81,13 @@ def graphed(step, warmup=3):
     return graph.replay
 
 
-def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_model=False, model_kwargs=None,
+def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_mode=None, model_kwargs=None,
             cuda_graph=False):
     """One row: seconds per iteration, images per second and peak extra memory (MiB) of one model."""
     torch.manual_seed(0)
     model = create(name, img_size, device, **(model_kwargs or {}))
-    if compile_model:
-        model = torch.compile(model)
+    if compile_mode:
+        model = torch.compile(model, mode=compile_mode)
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     # no cast cache under capture: the cached bf16 weights would be freed when the captured step ends
@@ -112,7 +112,7 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
     if cuda_graph:
         step = graphed(step)
     seconds, peak = time_step(step, device, warmup, iters)
-    if cuda_graph:
+    if cuda_graph or compile_mode in ("reduce-overhead", "max-autotune"):
         peak = None  # a graph's memory is allocated at capture, before time_step's baseline
     return dict(model=name, mode=mode, img_size=img_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 params_m=round(params / 1e6, 2), ms_per_iter=round(seconds * 1e3, 3),
@@ -152,7 +152,10 @@ def main(argv=None):
                    help="autocast dtype (default bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile every model, in this mode (default: 'default'; 'reduce-overhead' replays "
+                        "CUDA graphs)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time CUDA graph replays of each step (forward; or forward, backward and AdamW): the "
                         "GPU's time without Python's launch overhead")
