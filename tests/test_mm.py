@@ -240,6 +240,44 @@ def test_upernet_train_then_test(tmp_path):
     assert 0 <= metrics["metrics"]["mIoU"] <= 100 and f"mIoU: {metrics['metrics']['mIoU']}" in out
 
 
+def test_dist_train_then_dist_test_with_two_processes(tmp_path):
+    """tools/dist_train.sh and dist_test.sh as a user runs them (torchrun, --launcher pytorch), with two
+    processes on the CPU (gloo; SyncBN trained as BN): DDP training with the distributed sampler, the
+    checkpoint written once, and the test metrics gathered from both ranks."""
+    data, work = tmp_path / "ade", tmp_path / "work"
+    make_ade20k(data, n_train=4, n_val=4)
+    config = "configs/vmamba/upernet_vmamba-t_8xb2-160k_ade20k-512x512.py"
+    model = ["model.backbone.depths=[1,1,1,1]", "model.backbone.dims=16", "model.backbone.init_cfg=None",
+             "model.decode_head.in_channels=[16,32,64,128]", "model.decode_head.channels=16",
+             "model.auxiliary_head.in_channels=64", "model.auxiliary_head.channels=8",
+             "model.data_preprocessor.size=(48,48)"]
+    evaluation = []
+    for split in ("val", "test"):
+        evaluation += loader_options(f"{split}_dataloader", data)
+        evaluation.append(f"{split}_dataloader.dataset.pipeline.1.scale=(64,48)")
+    train = loader_options("train_dataloader", data) + [
+        "train_dataloader.batch_size=2", "train_dataloader.dataset.pipeline.2.scale=(64,48)",
+        "train_dataloader.dataset.pipeline.3.crop_size=(48,48)", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
+        "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PORT=str(29500 + os.getpid() % 1000),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+    def run(*args):
+        proc = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout + proc.stderr
+    log = run("tools/dist_train.sh", config, "2", "--work-dir", str(work), "--cfg-options", *model, *evaluation,
+              *train)
+    assert "Distributed launcher: pytorch" in log and "Distributed training: True" in log
+    assert "SyncBN trained as BN" in log and "Iter(train) [2/2]" in log and "Iter(val) [2/2]" in log
+    checkpoint = work / "iter_2.pth"
+    assert checkpoint.is_file()
+    log = run("tools/dist_test.sh", config, str(checkpoint), "2", "--work-dir", str(work / "test"),
+              "--cfg-options", *model, *evaluation)
+    metrics = json.loads((work / "test" / "metrics.json").read_text())["metrics"]
+    assert {"aAcc", "mIoU", "mAcc"} <= set(metrics) and "Iter(test) [2/2]" in log
+
+
 def test_mask_rcnn_train_then_test(tmp_path):
     """VMamba-T Mask R-CNN: one epoch on a generated COCO json with polygons, COCO bbox + segm evaluation,
     then tools/test.py on the saved checkpoint."""

@@ -16,6 +16,8 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from vssm.mm.launch import init_cpu_distributed  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a segmentor / detector checkpoint")
@@ -62,6 +64,7 @@ def _plain(value):
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_config(args)
+    init_cpu_distributed(cfg)  # torchrun without GPUs: gloo (mmengine's launcher assumes a GPU each)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     metrics = {k: _plain(v) for k, v in runner.test().items()}
     if runner.rank == 0:

@@ -17,6 +17,8 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from vssm.mm.launch import init_cpu_distributed  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a segmentor / detector from an OpenMMLab config")
@@ -60,6 +62,7 @@ def build_config(args):
 
 def main(argv=None):
     cfg = build_config(parse_args(argv))
+    init_cpu_distributed(cfg)  # torchrun without GPUs: gloo (mmengine's launcher assumes a GPU each)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     runner.train()
 
