@@ -17,7 +17,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from vssm.mm.launch import init_cpu_distributed  # noqa: E402
+from vssm.mm.launch import destroy_distributed, init_cpu_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,6 +65,7 @@ def main(argv=None):
     init_cpu_distributed(cfg)  # torchrun without GPUs: gloo (mmengine's launcher assumes a GPU each)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     runner.train()
+    destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -33,3 +33,11 @@ def init_cpu_distributed(cfg):
     cfg.model_wrapper_cfg = wrapper
     if _sync_bn_to_bn(cfg.model):
         print_log("no CUDA: gloo process group, SyncBN trained as BN in each process", logger="current")
+
+
+def destroy_distributed():
+    """End the process group before the interpreter exits (mmengine leaves it open; an open gloo group's
+    threads can abort the process at exit: "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
