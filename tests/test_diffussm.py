@@ -371,3 +371,16 @@ def test_clear_errors():
         DiffuSSM(input_size=(8, 6), downscale_ratio=4, hidden_size=16, depth=1)
     # valid edge ids: 0 and the null class
     assert model(x, t, torch.tensor([0, 5])).shape == (2, 4, 8, 8)
+
+
+def test_torch_compile_matches_eager():
+    """Dynamo captures DiffuSSM (around the CPU reference scan; aot_eager keeps the test fast): forward and
+    every parameter's gradient as in eager."""
+    model = randomize(timm.create_model("diffussm_tiny_8", **SMALL), seed=2).eval()  # no label dropout
+    x = torch.randn(2, model.in_chans, *model.input_size, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([500.0, 20.0]), torch.tensor([1, 3])
+    out, ref = torch.compile(model, backend="aot_eager")(x, t, y), model(x, t, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    for g, r in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
