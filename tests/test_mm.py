@@ -155,9 +155,11 @@ def test_config_builds_and_runs(path):
 # ------------------------------------------------------------------------------------------------------
 # end to end: tools/train.py, then tools/test.py, on generated data
 # ------------------------------------------------------------------------------------------------------
-def run_tool(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def run_tool(*args, command=sys.executable, **env):
+    """`command *args` from the repository root (a tool under Python, or a shell script with command="bash"),
+    with env added to the environment; fails the test with the output's tail unless it exits with 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    proc = subprocess.run([command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -206,6 +208,18 @@ def loader_options(loader, root, **dataset):
     return opts + [f"{loader}.dataset.{k}={v}" for k, v in dataset.items()]
 
 
+def ade20k_options(root, scale, crop_size):
+    """--cfg-options pointing an ADE20K config's loaders at generated data in root: images resized to scale,
+    training crops of crop_size. Returns (val and test loader options, train loader options)."""
+    evaluation = []
+    for split in ("val", "test"):
+        evaluation += loader_options(f"{split}_dataloader", root)
+        evaluation.append(f"{split}_dataloader.dataset.pipeline.1.scale={scale}")
+    train = loader_options("train_dataloader", root) + [
+        f"train_dataloader.dataset.pipeline.2.scale={scale}", f"train_dataloader.dataset.pipeline.3.crop_size={crop_size}"]
+    return evaluation, train
+
+
 def test_upernet_train_then_test(tmp_path):
     """Vim-T UperNet (layer-decay optimizer, sliding-window test on padded images): 4 iterations and a
     validation, 2 more resumed from the work dir, then tools/test.py on the last checkpoint."""
@@ -215,13 +229,8 @@ def test_upernet_train_then_test(tmp_path):
     model = ["model.backbone.depth=4", "model.backbone.out_indices=[0,1,2,3]", "model.backbone.img_size=(48,48)",
              "model.backbone.init_cfg=None", "model.data_preprocessor.size=(48,48)",
              "model.test_cfg.crop_size=(48,48)", "model.test_cfg.stride=(32,32)"]
-    evaluation = []
-    for split in ("val", "test"):
-        evaluation += loader_options(f"{split}_dataloader", data)
-        evaluation.append(f"{split}_dataloader.dataset.pipeline.1.scale=(128,64)")
-    train = loader_options("train_dataloader", data) + [
-        "train_dataloader.dataset.pipeline.2.scale=(128,64)", "train_dataloader.dataset.pipeline.3.crop_size=(48,48)",
-        "train_cfg.val_interval=4", "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    evaluation, train = ade20k_options(data, "(128,64)", "(48,48)")
+    train += ["train_cfg.val_interval=4", "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
     options = model + evaluation + train
     log = run_tool("tools/train.py", config, "--work-dir", str(work), "--cfg-options", *options,
                    "train_cfg.max_iters=4")
@@ -251,29 +260,20 @@ def test_dist_train_then_dist_test_with_two_processes(tmp_path):
              "model.decode_head.in_channels=[16,32,64,128]", "model.decode_head.channels=16",
              "model.auxiliary_head.in_channels=64", "model.auxiliary_head.channels=8",
              "model.data_preprocessor.size=(48,48)"]
-    evaluation = []
-    for split in ("val", "test"):
-        evaluation += loader_options(f"{split}_dataloader", data)
-        evaluation.append(f"{split}_dataloader.dataset.pipeline.1.scale=(64,48)")
-    train = loader_options("train_dataloader", data) + [
-        "train_dataloader.batch_size=2", "train_dataloader.dataset.pipeline.2.scale=(64,48)",
-        "train_dataloader.dataset.pipeline.3.crop_size=(48,48)", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
-        "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PORT=str(29500 + os.getpid() % 1000),
+    evaluation, train = ade20k_options(data, "(64,48)", "(48,48)")
+    train += ["train_dataloader.batch_size=2", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
+              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    # torchrun from this Python's environment; a port of this test's own
+    env = dict(command="bash", PORT=str(29500 + os.getpid() % 1000),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-
-    def run(*args):
-        proc = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        return proc.stdout + proc.stderr
-    log = run("tools/dist_train.sh", config, "2", "--work-dir", str(work), "--cfg-options", *model, *evaluation,
-              *train)
+    log = run_tool("tools/dist_train.sh", config, "2", "--work-dir", str(work), "--cfg-options", *model, *evaluation,
+                   *train, **env)
     assert "Distributed launcher: pytorch" in log and "Distributed training: True" in log
     assert "SyncBN trained as BN" in log and "Iter(train) [2/2]" in log and "Iter(val) [2/2]" in log
     checkpoint = work / "iter_2.pth"
     assert checkpoint.is_file()
-    log = run("tools/dist_test.sh", config, str(checkpoint), "2", "--work-dir", str(work / "test"),
-              "--cfg-options", *model, *evaluation)
+    log = run_tool("tools/dist_test.sh", config, str(checkpoint), "2", "--work-dir", str(work / "test"),
+                   "--cfg-options", *model, *evaluation, **env)
     metrics = json.loads((work / "test" / "metrics.json").read_text())["metrics"]
     assert {"aAcc", "mIoU", "mAcc"} <= set(metrics) and "Iter(test) [2/2]" in log
 

@@ -88,6 +88,7 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
     model = create(name, img_size, device, **(model_kwargs or {}))
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)
+    compiled_graphs = compile_mode in ("reduce-overhead", "max-autotune")  # modes that replay CUDA graphs
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     # no cast cache under capture: the cached bf16 weights would be freed when the captured step ends
@@ -110,11 +111,11 @@ def measure(name, mode, img_size, batch, device, dtype, warmup, iters, compile_m
             optimizer.step()
             # keep gradient buffers (they count as resident memory), except where the step runs as torch.compile's
             # CUDA graphs, whose next replay overwrites them
-            optimizer.zero_grad(set_to_none=compile_mode in ("reduce-overhead", "max-autotune"))
+            optimizer.zero_grad(set_to_none=compiled_graphs)
     if cuda_graph:
         step = graphed(step)
     seconds, peak = time_step(step, device, warmup, iters)
-    if cuda_graph or compile_mode in ("reduce-overhead", "max-autotune"):
+    if cuda_graph or compiled_graphs:
         peak = None  # a graph's memory is allocated at capture, before time_step's baseline
     return dict(model=name, mode=mode, img_size=img_size, batch=batch, dtype=str(dtype).replace("torch.", ""),
                 params_m=round(params / 1e6, 2), ms_per_iter=round(seconds * 1e3, 3),
