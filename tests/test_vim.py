@@ -312,20 +312,20 @@ def test_cuda_triton_matches_cpu_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: Dynamo traces the Triton kernels")
-def test_cuda_torch_compile_runs_the_triton_conv(monkeypatch):
-    """Compiled inference and training on CUDA run the Triton conv (its PyTorch path, F.conv1d on
-    channels-first copies, is never called) and match eager, outputs and every parameter's gradient."""
-    import vssm.kernels.conv as conv
+def test_cuda_torch_compile_runs_the_fused_kernels(monkeypatch):
+    """Compiled inference and training on CUDA run each direction as the fused `mamba_inner` ops (the composed
+    path is never taken) and match eager, outputs and every parameter's gradient."""
+    import vssm.kernels.inner as inner
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's conv, both sides
 
-    def torch_path(*args, **kwargs):
-        raise AssertionError("causal_conv1d took its PyTorch path under torch.compile on CUDA")
+    def composed(*args, **kwargs):
+        raise AssertionError("mamba_inner took its composed path under torch.compile on CUDA")
     model = randomize(timm.create_model("vim_tiny_patch16_224", depth=2, embed_dim=64)).cuda()
     img = torch.randn(2, 3, 64, 96, device="cuda")
     params = [p for p in model.parameters()]
     ref = model(img)
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
-    monkeypatch.setattr(conv, "causal_conv1d_ref", torch_path)
+    monkeypatch.setattr(inner, "_composed", composed)
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(img), ref, rtol=1e-4, atol=1e-4)

@@ -22,10 +22,10 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 from torch.utils.checkpoint import checkpoint
 
-from vssm.kernels import causal_conv1d
+from vssm.kernels import mamba_inner
 
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
-from ._ssm import init_dt_bias_, ssm_direction
+from ._ssm import init_dt_bias_
 
 __all__ = ["Vim"]
 
@@ -97,8 +97,8 @@ class BiMamba(nn.Module):
     def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
         """One direction's conv + selective scan on channels-last x, z (batch, L, d_inner); returns the same.
         The backward direction's conv is anti-causal (the causal conv of the flipped sequence, flipped back)."""
-        x = causal_conv1d(x.transpose(1, 2), conv1d.weight, conv1d.bias, "silu", reverse=reverse).transpose(1, 2)
-        return ssm_direction(x, x_proj, dt_proj, A_log, D, self.d_state, z=z, reverse=reverse)
+        return mamba_inner(x, z, conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
+                           -torch.exp(A_log.float()), D.float(), reverse=reverse)
 
     def forward(self, tokens):
         x, z = self.in_proj(tokens).chunk(2, dim=-1)  # (batch, L, d_inner) each, read in place by the scans
