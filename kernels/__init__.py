@@ -6,12 +6,12 @@ scan as a single autograd node (`mamba_inner`), and a LayerNorm over the last di
 the models' many short rows.
 """
 from .conv import causal_conv1d, causal_conv1d_ref
-from .inner import mamba_inner
+from .inner import cross_inner, mamba_inner
 from .norm import layer_norm
 from .reference import cross_merge_ref, cross_scan_ref, cross_selective_scan_ref, selective_scan_ref
 from .scan import (count_scan_flops, cross_merge, cross_scan, cross_selective_scan, scan_backend, selective_scan,
                    triton_available)
 
-__all__ = ["selective_scan", "causal_conv1d", "mamba_inner", "layer_norm", "cross_selective_scan", "cross_scan", "cross_merge",
+__all__ = ["selective_scan", "causal_conv1d", "mamba_inner", "cross_inner", "layer_norm", "cross_selective_scan", "cross_scan", "cross_merge",
            "scan_backend", "count_scan_flops", "triton_available", "causal_conv1d_ref", "selective_scan_ref",
            "cross_selective_scan_ref", "cross_scan_ref", "cross_merge_ref"]
