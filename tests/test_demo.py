@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-import vssm.models._ssm  # noqa: E402
+import vssm.models.vim  # noqa: E402
 from vssm import demo  # noqa: E402
 from vssm.__main__ import main  # noqa: E402
 
@@ -90,9 +90,10 @@ def test_shuffled_labels_stay_below_the_bound(monkeypatch, tmp_path):
 
 
 def test_vim_with_a_zeroed_scan_stays_below_the_bound(monkeypatch, tmp_path):
-    """Vim without its state-space mixing (the scan's output zeroed, so no token sees another) cannot tell
-    the digits apart beyond what the patch embedding's average gives: below the bound, exit status 1."""
-    monkeypatch.setattr(vssm.models._ssm, "selective_scan", lambda u, *a, **k: torch.zeros_like(u))
+    """Vim without its state-space mixing (each direction's conv + scan output zeroed, so no token sees
+    another) cannot tell the digits apart beyond what the patch embedding's average gives: below the bound,
+    exit status 1."""
+    monkeypatch.setattr(vssm.models.vim, "mamba_inner", lambda x, *a, **k: torch.zeros_like(x))
     code, out, _ = run("--models", "vim", "--epochs", str(EPOCHS), "--out", str(tmp_path), "--min-acc", str(BOUND))
     assert code == 1 and table(out)["vim"]["acc"] < BOUND, out
 
