@@ -1,4 +1,5 @@
-"""One direction of Mamba's inner path in one autograd node: causal conv, projections and selective scan.
+"""Mamba's and VMamba's inner paths, each in one autograd node: `mamba_inner` (one direction of a Mamba block:
+causal conv, projections and selective scan) and `cross_inner` (VMamba's SS2D core, see its docstring).
 
     y = mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D=None,
                     reverse=False)
@@ -16,7 +17,8 @@ autocast would). On CUDA the whole path is one autograd node (two custom ops, fo
 torch.compile sees as opaque): the backward recomputes x', the projections and delta from the saved inputs,
 so training keeps none of them, and the host launches a few kernels instead of the ~25 autograd nodes of the
 composed path, which bound Vim's eager training step by the CPU (BENCHMARKS.md). Elsewhere it is that
-composition of `causal_conv1d` and `selective_scan` (their PyTorch references).
+composition of `causal_conv1d` and `selective_scan` (their PyTorch references). The fused path serves state
+sizes N >= 8 (the stepped scan kernels); smaller N composes the general kernels.
 """
 from typing import List, Optional
 
@@ -105,10 +107,9 @@ def _inner_backward(dy, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_wei
     R, dtype = dt_proj_weight.shape[1], xc.dtype
     rows = lambda t: t.reshape(batch * L, t.shape[-1])  # noqa: E731  (batch, L, c) -> (batch * L, c)
     ddelta = rows(ddelta.transpose(1, 2))
-    x_flat = rows(x_dbl)
     dx_dbl = torch.cat([ddelta @ dt_proj_weight.to(dtype), rows(dB[:, 0].transpose(1, 2)).to(dtype),
                         rows(dC[:, 0].transpose(1, 2)).to(dtype)], -1)
-    ddt_proj_weight = ddelta.t() @ x_flat[:, :R]
+    ddt_proj_weight = ddelta.t() @ rows(x_dbl)[:, :R]
     dx_proj_weight = dx_dbl.t() @ rows(xc)
     dxc = torch.addmm(rows(dxc.transpose(1, 2)), dx_dbl, x_proj_weight.to(dtype))
     dx, dconv_weight, dconv_bias = conv_bwd(x.transpose(1, 2), conv_weight.reshape(dim, -1), conv_bias,
@@ -168,7 +169,6 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_
     `selective_scan` ("auto": the fused Triton path on CUDA, the composed PyTorch path elsewhere)."""
     _check_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     if scan_backend(x.device, x.dtype, backend) == "torch" or A.shape[1] < 8:
-        # (the fused path serves the stepped kernels' state sizes; smaller N composes the general kernels)
         return _composed(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
                          backend)
     if _flop_counters:
