@@ -12,6 +12,6 @@ from .reference import cross_merge_ref, cross_scan_ref, cross_selective_scan_ref
 from .scan import (count_scan_flops, cross_merge, cross_scan, cross_selective_scan, scan_backend, selective_scan,
                    triton_available)
 
-__all__ = ["selective_scan", "causal_conv1d", "mamba_inner", "cross_inner", "layer_norm", "cross_selective_scan", "cross_scan", "cross_merge",
-           "scan_backend", "count_scan_flops", "triton_available", "causal_conv1d_ref", "selective_scan_ref",
-           "cross_selective_scan_ref", "cross_scan_ref", "cross_merge_ref"]
+__all__ = ["selective_scan", "causal_conv1d", "mamba_inner", "cross_inner", "layer_norm", "cross_selective_scan",
+           "cross_scan", "cross_merge", "scan_backend", "count_scan_flops", "triton_available", "causal_conv1d_ref",
+           "selective_scan_ref", "cross_selective_scan_ref", "cross_scan_ref", "cross_merge_ref"]

@@ -286,7 +286,8 @@ def _(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
 
 @torch.library.custom_op("vssm::cross_inner_bwd", mutates_args=())
 def _cross_bwd_op(dy: torch.Tensor, x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor,
-                  dt_projs_bias: Optional[torch.Tensor], A: torch.Tensor, D: Optional[torch.Tensor]) -> List[torch.Tensor]:
+                  dt_projs_bias: Optional[torch.Tensor], A: torch.Tensor,
+                  D: Optional[torch.Tensor]) -> List[torch.Tensor]:
     return _cross_backward(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)
 
 

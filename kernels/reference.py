@@ -13,44 +13,53 @@ log-decay, taken relative to its midpoint m = S_T / 2)
     h_t = exp(S_t - m) * (exp(m) * h_0 + sum_{s <= t} dt_s * B_s * u_s / exp(S_s - m))
 
 which is a handful of vectorised cumsum/exp ops over the (batch * dim * N, T) rows of a chunk instead of T
-Python steps. It is computed in float64 for float64 inputs and in float32 otherwise (like mamba_ssm's
-reference; the state is float32 in the kernels too). |S_t - m| is at most half of sum_t |dt_t * A|, and where
-that bound exceeds ``_MAX_LOG_RANGE`` (exp(S - m), and its square in the division's gradient, would leave the
-dtype's range) the row steps through the chunk one position at a time instead, so the result is exact for
-every input; such rows are rare (steep decays). A chunk's (rows, T) tensors are sized to stay in a core's L2
-cache.
+Python steps (S_t - m = A * (the chunk's cumulative dt - half its sum), a cumsum over (batch, dim) only). It is
+computed in float64 for float64 inputs and in float32 otherwise (like mamba_ssm's reference; the state is
+float32 in the kernels too). |S_t - m| is at most half of sum_t |dt_t * A|, and where that bound exceeds
+``_MAX_LOG_RANGE`` (exp(S - m), and its square in the division's gradient, would leave the dtype's range) the
+row takes the closed form in float64, and beyond float64's range steps through the chunk one position at a
+time, so the result is exact for every input; such rows are rare (steep decays). A chunk's (rows, T) tensors
+are sized to a core's L2 cache (800 KB each measured best on the 2-core CI machine class, 1 MB of L2 per core).
 """
 import torch
 import torch.nn.functional as F
 
 __all__ = ["selective_scan_ref", "cross_scan_ref", "cross_merge_ref", "cross_selective_scan_ref"]
 
-_CHUNK_BYTES = 400 << 10  # one (rows, T) tensor of a chunk
+_CHUNK_BYTES = 800 << 10  # one (rows, T) tensor of a chunk
 # |S - m| stays below this: exp(S - m) and exp(S - m) ** 2 (the division's gradient) inside the dtype's range
 _MAX_LOG_RANGE = {torch.float64: 300.0, torch.float32: 40.0}
 
 
-def _scan_chunk(h, log_a, bu, span):
-    """States (R, T) of one chunk of rows from the states h (R,) before it, by the closed form; rows whose
-    bound span (R,) on sum |log_a| is too large for it step through the chunk."""
-    steep = span > 2 * _MAX_LOG_RANGE[log_a.dtype]
+def _scan_chunk(h, log_e, m, bu, log_a_rows, span):
+    """States (R, T) of one chunk of rows by the closed form, from the states h (R,) before it, the centred
+    log-decays log_e = S - m (R, T) and m (R,). Rows whose bound span (R,) on sum |log_a| is too large for the
+    closed form in this dtype are computed by `_steep_rows` from their per-step log-decays log_a_rows(idx)."""
+    steep = span > 2 * _MAX_LOG_RANGE[log_e.dtype]
     idx = steep.nonzero()[:, 0] if steep.any() else None
     if idx is not None:
-        a_steep, bu_steep, h_steep = log_a[idx].exp(), bu[idx], h[idx]
-        log_a = log_a.index_fill(0, idx, 0.0)  # keeps their closed form finite; overwritten below
-    m = log_a.detach().sum(-1) * 0.5  # any m gives the same states; this one centres the range
-    log_a[:, 0] -= m  # the cumsum below is then S - m
-    E = log_a.cumsum(-1).exp_()
+        steep_hs = _steep_rows(h[idx], bu[idx], log_a_rows(idx), span[idx])
+        log_e, m = log_e.index_fill(0, idx, 0.0), m.index_fill(0, idx, 0.0)  # finite; overwritten below
+    E = log_e.exp_()
     w = bu / E
     w[:, 0] += h * m.exp()
     hs = E * w.cumsum(-1)
-    if idx is None:
-        return hs
-    steps = []
-    for t in range(log_a.shape[-1]):
-        h_steep = torch.addcmul(bu_steep[:, t], a_steep[:, t], h_steep)
-        steps.append(h_steep)
-    return hs.index_copy(0, idx, torch.stack(steps, -1))
+    return hs if idx is None else hs.index_copy_(0, idx, steep_hs)
+
+
+def _steep_rows(h, bu, log_a, span):
+    """States of rows too steep for the closed form in bu's dtype: the closed form in float64 (log-decays summed
+    there from the per-step log_a), and where even that would overflow, one position at a time."""
+    if bu.dtype != torch.float64:
+        log_a = log_a.double()
+        S = log_a.cumsum(-1)
+        m = S[:, -1] * 0.5
+        return _scan_chunk(h.double(), S - m[:, None], m, bu.double(), lambda j: log_a[j], span).to(bu.dtype)
+    a, steps = log_a.exp(), []
+    for t in range(bu.shape[-1]):
+        h = torch.addcmul(bu[:, t], a[:, t], h)
+        steps.append(h)
+    return torch.stack(steps, -1)
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -84,9 +93,15 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for s in range(0, L, T):
         dt_c = dt5[..., s:s + T]
         t = dt_c.shape[-1]
+        # the chunk's cumulative time, centred on its midpoint, over (batch, dim) only: times A it is S - m
+        cdt = dt_c.cumsum(-1)
+        half = cdt[..., -1:] * 0.5
         span = (dt_c.detach().abs().sum(-1) * absA).view(rows)  # = sum_t |dt_t * A| per row
-        hs = _scan_chunk(h, (dt_c * A5).view(rows, t), (dtu5[..., s:s + T] * B5[..., s:s + T]).view(rows, t),
-                         span)
+
+        def log_a_rows(idx, dt_c=dt_c, t=t):  # per-step log-decays dt_t * A of rows idx ((b, d) row, (d, n))
+            return dt_c.reshape(-1, t)[idx // N] * A5.reshape(-1)[idx % (dim * N), None]
+        hs = _scan_chunk(h, ((cdt - half) * A5).view(rows, t), (half * A5).view(rows),
+                         (dtu5[..., s:s + T] * B5[..., s:s + T]).view(rows, t), log_a_rows, span)
         h = hs[:, -1]
         ys.append((hs.view(batch, G, dim // G, N, t) * C5[..., s:s + T]).sum(-2))
     h = h.view(batch, dim, N)

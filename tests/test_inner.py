@@ -203,7 +203,8 @@ def test_cross_bad_arguments_name_the_argument():
         cross_inner(**(inputs | dict(x=inputs["x"][0])))
     with pytest.raises(ValueError, match=r"A must be \(4 \* dim, N\) with dim = 8"):
         cross_inner(**(inputs | dict(A=inputs["A"][:8])))
-    with pytest.raises(ValueError, match=r"x_proj_weight has shape \(4, 3, 8\); expected \(4, dt_rank \+ 2 \* N, dim\)"):
+    with pytest.raises(ValueError,
+                       match=r"x_proj_weight has shape \(4, 3, 8\); expected \(4, dt_rank \+ 2 \* N, dim\)"):
         cross_inner(**(inputs | dict(x_proj_weight=inputs["x_proj_weight"][:, :3])))
     with pytest.raises(ValueError, match=r"dt_projs_bias has shape \(32,\); expected \(4, dim\)"):
         cross_inner(**(inputs | dict(dt_projs_bias=inputs["dt_projs_bias"].reshape(-1))))
