@@ -238,3 +238,20 @@ def test_cuda_fused_ops_capture_in_a_cuda_graph():
     graph.replay()
     for g, r in zip(captured, eager):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_scan_flops_are_counted_on_both_paths(backend):
+    """count_scan_flops sees the scans inside both fused ops as it sees the composed paths' (one call each,
+    Mamba's 9 * batch * L * dim * N rule plus D and the gate)."""
+    from vssm.kernels import count_scan_flops
+    xz, params, _ = _inputs()
+    cross, _ = _cross_inputs()
+    x, z = xz.to(DEVICE).chunk(2, dim=-1)
+    with torch.no_grad(), count_scan_flops() as counter:
+        mamba_inner(x, z, **{k: v.to(DEVICE) for k, v in params.items()}, backend=backend)
+        cross_inner(**{k: v.to(DEVICE) for k, v in cross.items()}, backend=backend)
+    (batch, L, dim), N = x.shape, params["A"].shape[1]
+    cb, H, W, cdim = cross["x"].shape
+    expected = 9 * batch * L * dim * N + 2 * batch * dim * L + 9 * cb * H * W * 4 * cdim * 1 + cb * 4 * cdim * H * W
+    assert counter == dict(flops=expected, calls=2)
