@@ -2,8 +2,8 @@
 
 On CUDA tensors it runs Triton kernels (forward and backward); elsewhere an exact PyTorch reference. Beside it, with
 the same backend rule: Mamba's depthwise causal conv1d with SiLU, one direction of Mamba's conv + projections +
-scan as a single autograd node (`mamba_inner`), and a LayerNorm over the last dimension for
-the models' many short rows.
+scan and VMamba's SS2D core each as a single autograd node (`mamba_inner`, `cross_inner`), and a LayerNorm over
+the last dimension for the models' many short rows.
 """
 from .conv import causal_conv1d, causal_conv1d_ref
 from .inner import cross_inner, mamba_inner

@@ -68,6 +68,26 @@ def _composed(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_pr
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the fused paths' gradients as their custom ops declare them: one per input, in the input's shape and dtype,
+# contiguous (Inductor reads them at the fake implementation's strides), and for an absent input a fresh empty
+# tensor like x (a custom op's outputs may not alias one another)
+# ---------------------------------------------------------------------------------------------------------
+def _as_declared(grads, inputs, x):
+    return [g.reshape(t.shape).to(t.dtype).contiguous() if t is not None else x.new_empty(0)
+            for g, t in zip(grads, inputs)]
+
+
+def _declared_like(inputs, x):
+    """The fake implementations' gradients: empty tensors shaped as `_as_declared` returns them."""
+    return [t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in inputs]
+
+
+def _for_present(grads, inputs):
+    """The gradients autograd takes back: None for the inputs that were None."""
+    return tuple(g if t is not None else None for g, t in zip(grads, inputs))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the fused path: forward and backward as plain functions of the Triton kernels
 # ---------------------------------------------------------------------------------------------------------
 def _projections(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, reverse):
@@ -114,11 +134,10 @@ def _inner_backward(dy, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_wei
     dxc = torch.addmm(rows(dxc.transpose(1, 2)), dx_dbl, x_proj_weight.to(dtype))
     dx, dconv_weight, dconv_bias = conv_bwd(x.transpose(1, 2), conv_weight.reshape(dim, -1), conv_bias,
                                             dxc.view(batch, L, dim).transpose(1, 2), reverse, True)
-    grads = [dx.transpose(1, 2), dz.transpose(1, 2), dconv_weight.reshape(conv_weight.shape), dconv_bias,
-             dx_proj_weight, ddt_proj_weight, dbias, dA, dD]
-    # contiguous, as the fake implementation declares them (Inductor reads them at those strides)
-    return [g.to(t.dtype).contiguous() if t is not None else x.new_empty(0)
-            for g, t in zip(grads, (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))]
+    grads = [dx.transpose(1, 2), dz.transpose(1, 2), dconv_weight, dconv_bias, dx_proj_weight, ddt_proj_weight, dbias,
+             dA, dD]
+    return _as_declared(grads, (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D),
+                        x)
 
 
 @torch.library.custom_op("vssm::mamba_inner_fwd", mutates_args=())
@@ -144,9 +163,8 @@ def _inner_bwd_op(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, conv_weigh
 
 @_inner_bwd_op.register_fake
 def _(dy, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse):
-    like = lambda t: t.new_empty(t.shape) if t is not None else x.new_empty(0)  # noqa: E731
-    return [x.new_empty(x.shape), z.new_empty(z.shape), *map(like, (conv_weight, conv_bias, x_proj_weight,
-                                                                     dt_proj_weight, dt_proj_bias, A, D))]
+    return _declared_like((x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D),
+                          x)
 
 
 def _inner_setup_context(ctx, inputs, output):
@@ -156,8 +174,7 @@ def _inner_setup_context(ctx, inputs, output):
 
 def _inner_autograd_backward(ctx, dy):
     saved = ctx.saved_tensors
-    grads = _inner_bwd_op(dy, *saved, ctx.reverse)
-    return (*(g if t is not None else None for g, t in zip(grads, saved)), None)
+    return (*_for_present(_inner_bwd_op(dy, *saved, ctx.reverse), saved), None)
 
 
 _inner_fwd_op.register_autograd(_inner_autograd_backward, setup_context=_inner_setup_context)
@@ -269,8 +286,7 @@ def _cross_backward(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
     dx_proj_weight = (dx_dbl.t() @ x_flat).view(K, C, dim)
     dx = torch.addmm(du.permute(0, 2, 3, 1).reshape(rows, dim), dx_dbl, x_proj_weight.reshape(K * C, dim).to(dtype))
     grads = [dx.view(x.shape), dx_proj_weight, ddt_weight, dbias, dA, dD]
-    return [g.reshape(t.shape).to(t.dtype).contiguous() if t is not None else x.new_empty(0)
-            for g, t in zip(grads, (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D))]
+    return _as_declared(grads, (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D), x)
 
 
 @torch.library.custom_op("vssm::cross_inner_fwd", mutates_args=())
@@ -293,8 +309,7 @@ def _cross_bwd_op(dy: torch.Tensor, x: torch.Tensor, x_proj_weight: torch.Tensor
 
 @_cross_bwd_op.register_fake
 def _(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    return [t.new_empty(t.shape) if t is not None else x.new_empty(0)
-            for t in (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)]
+    return _declared_like((x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D), x)
 
 
 def _cross_setup_context(ctx, inputs, output):
@@ -303,8 +318,7 @@ def _cross_setup_context(ctx, inputs, output):
 
 def _cross_autograd_backward(ctx, dy):
     saved = ctx.saved_tensors
-    grads = _cross_bwd_op(dy, *saved)
-    return tuple(g if t is not None else None for g, t in zip(grads, saved))
+    return _for_present(_cross_bwd_op(dy, *saved), saved)
 
 
 _cross_fwd_op.register_autograd(_cross_autograd_backward, setup_context=_cross_setup_context)
