@@ -1,5 +1,5 @@
-"""Mamba's and VMamba's inner paths, each in one autograd node: `mamba_inner` (one direction of a Mamba block:
-causal conv, projections and selective scan) and `cross_inner` (VMamba's SS2D core, see its docstring).
+"""Mamba's inner path in one autograd node: one direction of a Mamba block (causal conv, projections and
+selective scan).
 
     y = mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D=None,
                     reverse=False)
@@ -13,10 +13,11 @@ is, for x and z (batch, L, dim) (any strides: Vim passes the two halves of its i
 
 returned as (batch, L, dim) in x's dtype: mamba_ssm's ``mamba_inner_fn`` without the in/out projections, with x
 and z given apart and a reverse direction. The projections run in x's dtype (the weights are cast to it, as
-autocast would). On CUDA the whole path is one autograd node (two custom ops, forward and backward, which
-torch.compile sees as opaque): the backward recomputes x', the projections and delta from the saved inputs,
-so training keeps none of them, and the host launches a few kernels instead of the ~25 autograd nodes of the
-composed path, which bound Vim's eager training step by the CPU (BENCHMARKS.md). Elsewhere it is that
+autocast would). On CUDA the whole path is one autograd node whose backward recomputes x', the projections and
+delta from the saved inputs, so training keeps none of them, and the host launches a few kernels instead of
+the ~25 autograd nodes of the composed path, which bound Vim's eager training step by the CPU (BENCHMARKS.md).
+Eager training enters it through an autograd.Function, torch.compile through two custom ops (forward and
+backward) that Inductor sees as opaque; both run the same two functions, `_inner_forward` and `_inner_backward`. Elsewhere it is that
 composition of `causal_conv1d` and `selective_scan` (their PyTorch references). The fused path serves state
 sizes N >= 8 (the stepped scan kernels); smaller N composes the general kernels.
 """
@@ -26,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .conv import causal_conv1d
-from .scan import (_check_tensors, _count_flops, _expect, _flop_counters, _needs_grad, _prepare, cross_selective_scan,
+from .scan import (_check_tensors, _count_flops, _expect, _flop_counters, _needs_grad, _prepare,
                    scan_backend, selective_scan)
 
-__all__ = ["mamba_inner", "cross_inner"]
+__all__ = ["mamba_inner"]
 
 
 def _check_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D):
@@ -68,7 +69,7 @@ def _composed(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_pr
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the fused paths' gradients as their custom ops declare them: one per input, in the input's shape and dtype,
+# the fused path's gradients as its custom ops declare them: one per input, in the input's shape and dtype,
 # contiguous (Inductor reads them at the fake implementation's strides), and for an absent input a fresh empty
 # tensor like x (a custom op's outputs may not alias one another)
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +181,23 @@ def _inner_autograd_backward(ctx, dy):
 _inner_fwd_op.register_autograd(_inner_autograd_backward, setup_context=_inner_setup_context)
 
 
+class _MambaInner(torch.autograd.Function):
+    """Eager training's way into the same forward and backward: an autograd.Function costs the host less per
+    call than a custom op's dispatch (BENCHMARKS.md), and eager Vim's step is bound by the host."""
+
+    @staticmethod
+    def forward(ctx, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse):
+        ctx.save_for_backward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+        ctx.reverse = reverse
+        return _inner_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                              reverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        return (*_for_present(_inner_backward(dy, *saved, ctx.reverse), saved), None)
+
+
 def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D=None, reverse=False,
                 backend="auto"):
     """One direction of Mamba's conv + projections + selective scan; see the module docs. backend as for
@@ -191,152 +209,8 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_
     if _flop_counters:
         _count_flops(x.shape[0], x.shape[2], x.shape[1], A.shape[1], D is not None, True)
     args = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse)
-    if not torch.compiler.is_compiling() and not _needs_grad(*args[:-1]):
-        return _inner_forward(*args)  # eager inference: the kernels without the custom op's dispatch
-    return _inner_fwd_op(*args)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# VMamba's SS2D core: per-direction projections + the fused four-direction cross-scan, one autograd node
-# ---------------------------------------------------------------------------------------------------------
-def _check_cross_inner(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    fn = "cross_inner"
-    _check_tensors(fn, dict(x=x, x_proj_weight=x_proj_weight, dt_projs_weight=dt_projs_weight,
-                            dt_projs_bias=dt_projs_bias, A=A, D=D),
-                   required=("x", "x_proj_weight", "dt_projs_weight", "A"))
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be a channels-last map (batch, H, W, dim), got shape {tuple(x.shape)}")
-    dim = x.shape[-1]
-    if A.dim() != 2 or A.shape[0] != 4 * dim:
-        raise ValueError(f"{fn}: A must be (4 * dim, N) with dim = {dim}, got shape {tuple(A.shape)}")
-    if dt_projs_weight.dim() != 3 or dt_projs_weight.shape[:2] != (4, dim):
-        raise ValueError(f"{fn}: dt_projs_weight must be (4, dim, dt_rank) with dim = {dim}, got shape "
-                         f"{tuple(dt_projs_weight.shape)}")
-    R, N = dt_projs_weight.shape[2], A.shape[1]
-    _expect(fn, "x_proj_weight", x_proj_weight, (4, R + 2 * N, dim), "(4, dt_rank + 2 * N, dim)")
-    _expect(fn, "dt_projs_bias", dt_projs_bias, (4, dim), "(4, dim)")
-    _expect(fn, "D", D, (4 * dim,), "(4 * dim,)")
-
-
-def _maps(t):
-    """(batch, H, W, 4, c) -> the (batch, 4, c, H, W) view that the cross-scan reads."""
-    return t.permute(0, 3, 4, 1, 2)
-
-
-def _cross_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D, backend):
-    """The SS2D core as separate ops (CPU, or backend="torch"); delta by the per-direction product (no zero
-    blocks: the FLOPs that tools/flops.py counts)."""
-    batch, H, W, dim = x.shape
-    K, C, R, N = 4, x_proj_weight.shape[1], dt_projs_weight.shape[2], A.shape[1]
-    x_dbl = F.linear(x, x_proj_weight.reshape(K * C, dim).to(x.dtype)).view(batch, H, W, K, C)
-    dts = torch.einsum("bhwkr,kdr->bhwkd", x_dbl[..., :R], dt_projs_weight.to(x.dtype))
-    bias = dt_projs_bias.reshape(-1) if dt_projs_bias is not None else None
-    y = cross_selective_scan(x.permute(0, 3, 1, 2), _maps(dts), A, _maps(x_dbl[..., R:R + N]),
-                             _maps(x_dbl[..., R + N:]), D, bias, delta_softplus=True, backend=backend)
-    return y.permute(0, 2, 3, 1)
-
-
-def _cross_projections(x, x_proj_weight, dt_projs_weight):
-    """x_dbl = x @ x_proj_weight (batch, H, W, 4 (R + 2N)) and delta (batch, H, W, 4 dim) through dt_proj as
-    one block-diagonal map over x_dbl (zeros at B and C): a dense GEMM, whose weight gradient is ~5x faster
-    than cuBLAS's batched one over 4 x 6..24 channels. Returns them and the block-diagonal weight."""
-    K, C, dim = x_proj_weight.shape
-    R = dt_projs_weight.shape[2]
-    x_dbl = F.linear(x, x_proj_weight.reshape(K * C, dim).to(x.dtype))
-    dt_weight = torch.block_diag(*F.pad(dt_projs_weight.to(x.dtype), (0, C - R)).unbind(0))  # (K dim, K C)
-    return x_dbl, F.linear(x_dbl, dt_weight), dt_weight
-
-
-def _cross_scan_inputs(x, x_dbl, dts, A, D, dt_projs_bias):
-    batch, H, W, dim = x.shape
-    N = A.shape[1]
-    xd = x_dbl.view(batch, H, W, 4, -1)
-    R = xd.shape[-1] - 2 * N
-    bias = dt_projs_bias.reshape(-1) if dt_projs_bias is not None else None
-    return _prepare(x.permute(0, 3, 1, 2), _maps(dts.view(batch, H, W, 4, dim)), A, _maps(xd[..., R:R + N]),
-                    _maps(xd[..., R + N:]), D, None, bias, (H, W))
-
-
-def _cross_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    x_dbl, dts, _ = _cross_projections(x, x_proj_weight, dt_projs_weight)
-    kernels, inputs = _cross_scan_inputs(x, x_dbl, dts, A, D, dt_projs_bias)
-    y, _, _ = kernels.scan_fwd(*inputs, True, False, tuple(x.shape[1:3]), out_dtype=torch.float32)
-    return y.permute(0, 2, 3, 1).contiguous()  # (already so for a contiguous x)
-
-
-def _cross_backward(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    """Gradients (dx, dx_proj_weight, ddt_projs_weight, ddt_projs_bias, dA, dD), contiguous, in their inputs'
-    dtypes; those of absent optional inputs are empty tensors."""
-    batch, H, W, dim = x.shape
-    K, C, R, N = 4, x_proj_weight.shape[1], dt_projs_weight.shape[2], A.shape[1]
-    x_dbl, dts, dt_weight = _cross_projections(x, x_proj_weight, dt_projs_weight)
-    kernels, inputs = _cross_scan_inputs(x, x_dbl, dts, A, D, dt_projs_bias)
-    du, ddelta, dA, dB, dC, dD, _, dbias = kernels.scan_bwd(dy.permute(0, 3, 1, 2), None, *inputs, True, False,
-                                                            (H, W))
-    rows, dtype = batch * H * W, x.dtype
-    ddts = _maps(ddelta).reshape(rows, K * dim)
-    ddt = (ddts @ dt_weight).view(rows, K, C)[..., :R]  # the dt channels of x_dbl's gradient
-    dB, dC = (t.permute(0, 3, 4, 1, 2).reshape(rows, K, N).to(dtype) for t in (dB, dC))
-    dx_dbl = torch.cat([ddt, dB, dC], -1).view(rows, K * C)
-    x_flat = x.reshape(rows, dim)
-    # the diagonal blocks of the block-diagonal weight's gradient (a view: indexing with index lists would copy
-    # them to the GPU from the host, a synchronisation per call that also breaks CUDA-graph capture)
-    ddt_weight = torch.diagonal((ddts.t() @ x_dbl.view(rows, K * C)).view(K, dim, K, C), dim1=0, dim2=2)
-    ddt_weight = ddt_weight.permute(2, 0, 1)[..., :R]
-    dx_proj_weight = (dx_dbl.t() @ x_flat).view(K, C, dim)
-    dx = torch.addmm(du.permute(0, 2, 3, 1).reshape(rows, dim), dx_dbl, x_proj_weight.reshape(K * C, dim).to(dtype))
-    grads = [dx.view(x.shape), dx_proj_weight, ddt_weight, dbias, dA, dD]
-    return _as_declared(grads, (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D), x)
-
-
-@torch.library.custom_op("vssm::cross_inner_fwd", mutates_args=())
-def _cross_fwd_op(x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor,
-                  dt_projs_bias: Optional[torch.Tensor], A: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
-    return _cross_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)
-
-
-@_cross_fwd_op.register_fake
-def _(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    return x.new_empty(x.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("vssm::cross_inner_bwd", mutates_args=())
-def _cross_bwd_op(dy: torch.Tensor, x: torch.Tensor, x_proj_weight: torch.Tensor, dt_projs_weight: torch.Tensor,
-                  dt_projs_bias: Optional[torch.Tensor], A: torch.Tensor,
-                  D: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    return _cross_backward(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)
-
-
-@_cross_bwd_op.register_fake
-def _(dy, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D):
-    return _declared_like((x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D), x)
-
-
-def _cross_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _cross_autograd_backward(ctx, dy):
-    saved = ctx.saved_tensors
-    return _for_present(_cross_bwd_op(dy, *saved), saved)
-
-
-_cross_fwd_op.register_autograd(_cross_autograd_backward, setup_context=_cross_setup_context)
-
-
-def cross_inner(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D=None, backend="auto"):
-    """VMamba's SS2D core on the activated channels-last map x (batch, H, W, dim): per direction k of the four
-    scan orders, (dt, B, C) = x @ x_proj_weight[k].T, delta = dt @ dt_projs_weight[k].T, then
-    `cross_selective_scan` (delta_bias = dt_projs_bias, softplus) summed back to the map: (batch, H, W, dim) in
-    float32 (float64 for float64 x). x_proj_weight (4, R + 2N, dim), dt_projs_weight (4, dim, R), dt_projs_bias
-    (4, dim), A (4 dim, N), D (4 dim,). On CUDA one autograd node (two custom ops) whose backward recomputes the
-    projections and delta (4 dim channels per pixel) instead of keeping them; elsewhere the separate ops."""
-    _check_cross_inner(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)
-    if scan_backend(x.device, x.dtype, backend) == "torch":
-        return _cross_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D, backend)
-    if _flop_counters:
-        _count_flops(x.shape[0], 4 * x.shape[3], x.shape[1] * x.shape[2], A.shape[1], D is not None, False)
-    args = (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A, D)
-    if not torch.compiler.is_compiling() and not _needs_grad(*args):
-        return _cross_forward(*args)
-    return _cross_fwd_op(*args)
+    if torch.compiler.is_compiling():
+        return _inner_fwd_op(*args)  # opaque to Inductor
+    if _needs_grad(*args[:-1]):
+        return _MambaInner.apply(*args)
+    return _inner_forward(*args)  # eager inference: the kernels alone

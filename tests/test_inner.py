@@ -1,11 +1,11 @@
-"""vssm.kernels.mamba_inner and cross_inner: the fused paths (Triton kernels, interpreted on the CPU) against the
-composed PyTorch paths in float64, forward and every gradient; mamba_inner in both directions on Vim's layout (x
-and z the two halves of one channels-last projection), cross_inner on VMamba's channels-last maps."""
+"""vssm.kernels.mamba_inner: the fused path (Triton kernels, interpreted on the CPU) against the composed PyTorch
+path in float64, forward and every gradient, in both directions on Vim's layout (x and z the two halves of one
+channels-last projection)."""
 import pytest
 import torch
 
 import vssm.kernels.inner as inner
-from vssm.kernels import cross_inner, mamba_inner
+from vssm.kernels import mamba_inner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "z", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A", "D")
@@ -116,115 +116,18 @@ def test_bad_arguments_name_the_argument():
         mamba_inner(x, None, **params)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# cross_inner (VMamba's SS2D core)
-# ---------------------------------------------------------------------------------------------------------
-CROSS_NAMES = ("x", "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A", "D")
-
-
-def _cross_inputs(batch=2, H=5, W=6, dim=8, N=1, R=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(x=torch.randn(batch, H, W, dim, generator=g),
-                x_proj_weight=torch.randn(4, R + 2 * N, dim, generator=g) / dim ** 0.5,
-                dt_projs_weight=torch.randn(4, dim, R, generator=g) / R ** 0.5,
-                dt_projs_bias=torch.randn(4, dim, generator=g) * 0.5 - 2,
-                A=-torch.rand(4 * dim, N, generator=g) * 2 - 0.5, D=torch.randn(4 * dim, generator=g)), \
-        torch.randn(batch, H, W, dim, generator=g)
-
-
-def _cross_run(inputs, dy, backend, dtype=None):
-    ts = {k: (v.to(DEVICE, dtype or v.dtype) if k == "x" else v.to(DEVICE)).detach().requires_grad_()
-          if v is not None else None for k, v in inputs.items()}
-    y = cross_inner(**ts, backend=backend)
-    (y * dy.to(DEVICE, y.dtype)).sum().backward()
-    return y, {k: v.grad if v is not None else None for k, v in ts.items()}
-
-
-@pytest.mark.parametrize("N", [1, 2])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 4e-2)])
-def test_cross_fused_matches_composed_float64(N, dtype, tol):
-    inputs, dy = _cross_inputs(N=N, seed=N)
-    y, grads = _cross_run(inputs, dy, "triton", dtype)
-    ref, ref_grads = _cross_run({k: _double(v) for k, v in inputs.items()}, dy.double(), "torch")
-    assert y.dtype == torch.float32 and y.shape == ref.shape
-    assert (y.double().cpu() - ref.cpu()).norm() <= tol * ref.norm()
-    for name in CROSS_NAMES:
-        g, r = grads[name], ref_grads[name]
-        assert g.shape == r.shape and g.dtype == (dtype if name == "x" else torch.float32), name
-        assert (g.double().cpu() - r.cpu()).norm() <= 2 * tol * r.norm(), name
-
-
-def test_cross_inference_path_and_optional_inputs():
-    """Under no_grad the kernels run outside autograd with the same values; without dt_projs_bias and D the
-    gradients of the rest still match the composed path."""
-    inputs, dy = _cross_inputs(H=4, W=7, seed=5)
-    on = {k: v.to(DEVICE) for k, v in inputs.items()}
-    with torch.no_grad():
-        torch.testing.assert_close(cross_inner(**on, backend="triton"), cross_inner(**on, backend="torch"),
-                                   rtol=1e-4, atol=1e-5)
-    inputs.update(dt_projs_bias=None, D=None)
-    y, grads = _cross_run(inputs, dy, "triton")
-    ref, ref_grads = _cross_run({k: _double(v) for k, v in inputs.items()}, dy.double(), "torch")
-    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-4)
-    for name in CROSS_NAMES:
-        if inputs[name] is None:
-            assert grads[name] is None, name
-        else:
-            torch.testing.assert_close(grads[name].double().cpu(), ref_grads[name].cpu(), rtol=1e-3, atol=1e-4,
-                                       msg=name)
-
-
-def test_cross_torch_compile_runs_the_fused_op(monkeypatch):
-    """Under torch.compile (fullgraph, Inductor) the fused custom ops run, forward and backward, with eager's
-    values; A comes from A_log inside the graph (Inductor reads dA at the strides the fake declares)."""
-    inputs, dy = _cross_inputs(seed=6)
-    inputs["A_log"] = inputs.pop("A").neg().log()
-
-    def composed(*args, **kwargs):
-        raise AssertionError("cross_inner took its composed path under torch.compile")
-
-    def f(ts):
-        rest = {k: v for k, v in ts.items() if k not in ("A_log", "x")}
-        return cross_inner(ts["x"] * 2, A=-torch.exp(ts["A_log"]), **rest, backend="triton") * 3
-    ts = {k: v.to(DEVICE).detach().requires_grad_() for k, v in inputs.items()}
-    ref = f(ts)
-    ref_grads = torch.autograd.grad((ref * dy.to(DEVICE)).sum(), list(ts.values()))
-    monkeypatch.setattr(inner, "_cross_composed", composed)
-    out = torch.compile(f, fullgraph=True)(ts)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grads = torch.autograd.grad((out * dy.to(DEVICE)).sum(), list(ts.values()))
-    for name, g, r in zip(ts, grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
-
-
-def test_cross_bad_arguments_name_the_argument():
-    inputs, _ = _cross_inputs()
-    with pytest.raises(ValueError, match=r"x must be a channels-last map \(batch, H, W, dim\)"):
-        cross_inner(**(inputs | dict(x=inputs["x"][0])))
-    with pytest.raises(ValueError, match=r"A must be \(4 \* dim, N\) with dim = 8"):
-        cross_inner(**(inputs | dict(A=inputs["A"][:8])))
-    with pytest.raises(ValueError,
-                       match=r"x_proj_weight has shape \(4, 3, 8\); expected \(4, dt_rank \+ 2 \* N, dim\)"):
-        cross_inner(**(inputs | dict(x_proj_weight=inputs["x_proj_weight"][:, :3])))
-    with pytest.raises(ValueError, match=r"dt_projs_bias has shape \(32,\); expected \(4, dim\)"):
-        cross_inner(**(inputs | dict(dt_projs_bias=inputs["dt_projs_bias"].reshape(-1))))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: graph capture")
-def test_cuda_fused_ops_capture_in_a_cuda_graph():
-    """Forward and backward of both fused ops capture into one CUDA graph (no host-device copy or
-    synchronisation inside, which capture refuses) and its replay gives the eager gradients. A first
-    cross_inner picked the weight gradient's diagonal blocks with index lists, a host copy per call."""
+def test_cuda_fused_path_captures_in_a_cuda_graph():
+    """Forward and backward of the fused path capture into one CUDA graph (no host-device copy or
+    synchronisation inside, which capture refuses) and its replay gives the eager gradients."""
     xz, params, dy = _inputs(batch=4, L=40, dim=64, N=16, R=4)
-    cross, dy_cross = _cross_inputs(batch=4, H=8, W=12, dim=32, N=1, R=2)
-    xz, dy, dy_cross = xz.cuda().requires_grad_(), dy.cuda(), dy_cross.cuda()
+    xz, dy = xz.cuda().requires_grad_(), dy.cuda()
     ps = {k: v.cuda().requires_grad_() for k, v in params.items()}
-    cs = {k: v.cuda().requires_grad_() for k, v in cross.items()}
-    leaves = [xz, *ps.values(), *cs.values()]
+    leaves = [xz, *ps.values()]
 
     def step():
         x, z = xz.chunk(2, dim=-1)
-        loss = (mamba_inner(x, z, **ps, reverse=True) * dy).sum() + (cross_inner(**cs) * dy_cross).sum()
+        loss = (mamba_inner(x, z, **ps, reverse=True) * dy).sum()
         return torch.autograd.grad(loss, leaves)
     eager = step()
     stream = torch.cuda.Stream()
@@ -242,16 +145,12 @@ def test_cuda_fused_ops_capture_in_a_cuda_graph():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_scan_flops_are_counted_on_both_paths(backend):
-    """count_scan_flops sees the scans inside both fused ops as it sees the composed paths' (one call each,
-    Mamba's 9 * batch * L * dim * N rule plus D and the gate)."""
+    """count_scan_flops sees the scan inside the fused path as it sees the composed path's (one call, Mamba's
+    9 * batch * L * dim * N rule plus D and the gate)."""
     from vssm.kernels import count_scan_flops
     xz, params, _ = _inputs()
-    cross, _ = _cross_inputs()
     x, z = xz.to(DEVICE).chunk(2, dim=-1)
     with torch.no_grad(), count_scan_flops() as counter:
         mamba_inner(x, z, **{k: v.to(DEVICE) for k, v in params.items()}, backend=backend)
-        cross_inner(**{k: v.to(DEVICE) for k, v in cross.items()}, backend=backend)
     (batch, L, dim), N = x.shape, params["A"].shape[1]
-    cb, H, W, cdim = cross["x"].shape
-    expected = 9 * batch * L * dim * N + 2 * batch * dim * L + 9 * cb * H * W * 4 * cdim * 1 + cb * 4 * cdim * H * W
-    assert counter == dict(flops=expected, calls=2)
+    assert counter == dict(flops=9 * batch * L * dim * N + 2 * batch * dim * L, calls=1)
