@@ -137,10 +137,13 @@ def _dense(t):
     """t if its elements fill their span without gaps or overlaps (in any order of dimensions, e.g.
     channels-last), else a contiguous copy."""
     span = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
-        if stride != span:
+    # sorted by an int key (Dynamo in torch 2.11 refuses to sort (stride, size) tuples under fullgraph)
+    for i in sorted(range(t.dim()), key=lambda i: t.stride(i)):
+        if t.shape[i] == 1:
+            continue
+        if t.stride(i) != span:
             return t.contiguous()
-        span *= size
+        span *= t.shape[i]
     return t
 
 
