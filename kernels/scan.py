@@ -109,21 +109,14 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias):
     return B4, C.view(B4.shape)
 
 
-def _check_cross(x, delta, A, B, C, D, delta_bias, dt_proj_weight):
+def _check_cross(x, delta, A, B, C, D, delta_bias):
     fn = "cross_selective_scan"
-    _check_tensors(fn, dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias,
-                            dt_proj_weight=dt_proj_weight), required=("x", "delta", "A", "B", "C"))
+    _check_tensors(fn, dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias),
+                   required=("x", "delta", "A", "B", "C"))
     if x.dim() != 4:
         raise ValueError(f"{fn}: x must be a (batch, dim, H, W) map, got shape {_shape(x)}")
     batch, dim, H, W = x.shape
-    if dt_proj_weight is None:
-        _expect(fn, "delta", delta, (batch, 4, dim, H, W), "(batch, 4, dim, H, W)")
-    else:
-        if dt_proj_weight.dim() != 3 or dt_proj_weight.shape[:2] != (4, dim):
-            raise ValueError(f"{fn}: dt_proj_weight must be (4, dim, R) with dim={dim}, got shape "
-                             f"{_shape(dt_proj_weight)}")
-        R = dt_proj_weight.shape[2]
-        _expect(fn, "delta", delta, (batch, 4, R, H, W), "(batch, 4, R, H, W) with dt_proj_weight (4, dim, R)")
+    _expect(fn, "delta", delta, (batch, 4, dim, H, W), "(batch, 4, dim, H, W)")
     if A.dim() != 2 or A.shape[0] != 4 * dim:
         raise ValueError(f"{fn}: A must be (4 * dim, N) with dim={dim}, got shape {_shape(A)}")
     N = A.shape[1]
@@ -154,12 +147,12 @@ def _dense(t):
     return t
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, hw, low_rank_delta=False):
+def _prepare(u, delta, A, B, C, D, z, delta_bias, hw):
     """The kernels for these inputs and the inputs in the layouts they read. Plain scans with large states run
     the stepped kernels (BENCHMARKS.md) on channels-last u, delta and z (copied so where they are not) and on
     B and C with their states contiguous; other plain scans the chunked kernels on contiguous rows; the
     cross-scan the chunked kernels, every map at its strides (u and delta dense, since their gradients take
-    their strides, unless delta is the low-rank input of an in-kernel dt projection; B and C sharing strides)."""
+    their strides; B and C sharing strides)."""
     if hw is None and A.shape[1] >= 8:
         from . import triton_step
         cl = triton_step.channels_last
@@ -168,7 +161,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, hw, low_rank_delta=False):
     from . import triton_scan
     if hw is None:
         return triton_scan, _contiguous(u, delta, A, B, C, D, z, delta_bias)
-    u, delta = _dense(u), delta if low_rank_delta else _dense(delta)
+    u, delta = _dense(u), _dense(delta)
     if B.stride() != C.stride():
         B, C = B.contiguous(), C.contiguous()
     A, D, delta_bias = _contiguous(A, D, delta_bias)
@@ -183,12 +176,10 @@ def _in_layout_of(out, u):
     return transposed(out.transpose(1, 2))
 
 
-def _triton_scan(u, delta, A, B, C, D, z, delta_bias, dt_proj_weight, delta_softplus, reverse, hw, out_dtype,
-                 write_last):
+def _triton_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype, write_last):
     """Forward only (no autograd graph): what inference calls, sparing the autograd.Function's overhead."""
-    kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw, dt_proj_weight is not None)
-    out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype, write_last=write_last,
-                                    **_projection(dt_proj_weight))
+    kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
+    out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype, write_last=write_last)
     return _in_layout_of(out, u), last
 
 
@@ -196,55 +187,31 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _projection(W):
-    """The kernels' keyword for an in-kernel dt projection W (4, dim, R) (none without one)."""
-    return {} if W is None else dict(dt_proj_weight=W.contiguous())
-
-
-def _dt_projection_grads(ddelta, delta, W):
-    """Gradients of the low-rank rows delta (batch, 4, R, H, W) and of W (4, dim, R) from the gradient ddelta
-    (batch, 4, dim, H, W) of the projected time steps (channels contiguous at each pixel, as scan_bwd writes
-    it): two dense GEMMs over the pixels through the block-diagonal of the four directions' W."""
-    batch, K, dim, H, Wd = ddelta.shape
-    R = W.shape[2]
-    g = ddelta.permute(0, 3, 4, 1, 2).reshape(-1, K * dim)  # a view: (pixels, 4 dim)
-    low = delta.permute(0, 3, 4, 1, 2).reshape(-1, K * R).to(g.dtype)  # (pixels, 4 R)
-    ddelta_low = (g @ torch.block_diag(*W.to(g.dtype).unbind(0))).view(batch, H, Wd, K, R).permute(0, 3, 4, 1, 2)
-    # the diagonal blocks of the block-diagonal weight's gradient (a view, no host-side index lists)
-    dW = torch.diagonal((g.t() @ low).view(K, dim, K, R), dim1=0, dim2=2).permute(2, 0, 1)
-    return ddelta_low.to(delta.dtype), dW.to(W.dtype)
-
-
 class _TritonScan(torch.autograd.Function):
-    """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map, the latter optionally
-    projecting its time steps from low-rank rows in the kernels (dt_proj_weight)."""
+    """Plain scan (hw is None) or the fused 4-direction cross-scan over an (H, W) map."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, dt_proj_weight, delta_softplus, reverse, hw, out_dtype):
-        kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw, dt_proj_weight is not None)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw, out_dtype):
+        kernels, inputs = _prepare(u, delta, A, B, C, D, z, delta_bias, hw)
         out, last, _ = kernels.scan_fwd(*inputs, delta_softplus, reverse, hw, out_dtype=out_dtype,
-                                        write_last=True, **_projection(dt_proj_weight))
-        ctx.save_for_backward(*inputs, dt_proj_weight)
+                                        write_last=True)
+        ctx.save_for_backward(*inputs)
         ctx.options = (kernels, delta_softplus, reverse, hw)
         ctx.set_materialize_grads(False)  # dlast stays None unless the last state is used
         return _in_layout_of(out, u), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, W = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         kernels, delta_softplus, reverse, hw = ctx.options
         if dout is None:  # only the last state was used
             dout = torch.zeros_like(u, dtype=torch.float32)  # in u's layout, which the kernels read fastest
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        grads = kernels.scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                                 **_projection(W))
+        grads = kernels.scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        dW = None
-        if W is not None:
-            ddelta, dW = _dt_projection_grads(ddelta, delta, W)
         cast = lambda g, t: g.to(t.dtype) if g is not None else None  # noqa: E731
-        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias), dW,
+        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
                 None, None, None, None)
 
 
@@ -308,16 +275,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state,
                                   reverse)
     if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
-        y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, None, delta_softplus, reverse, None,
-                                    None)
+        y, last = _TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None)
     else:
-        y, last = _triton_scan(u, delta, A, B4, C4, D, z, delta_bias, None, delta_softplus, reverse, None, None,
+        y, last = _triton_scan(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, reverse, None, None,
                                return_last_state)
     return (y, last) if return_last_state else y
 
 
-def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, dt_proj_weight=None,
-                         backend="auto"):
+def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto"):
     """VMamba's SS2D scan in one pass: the four scan orders of the map x (row-major, column-major, and both
     reversed) each run a selective scan, and their outputs are summed back in row-major order.
 
@@ -333,24 +298,18 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
         delta: (batch, 4, dim, H, W) per-direction time steps, in the map's row-major layout.
         A: (4 * dim, N); D, delta_bias: (4 * dim,), direction k owning rows k * dim ... (k + 1) * dim - 1.
         B, C: (batch, 4, N, H, W), direction k's B and C in the map's layout.
-        dt_proj_weight: optional (4, dim, R): delta is then (batch, 4, R, H, W), VMamba's low-rank time-step
-            rows before its dt_proj, and direction k's time steps are dt_proj_weight[k] @ delta[:, k], computed
-            inside the kernels (in float32), so the (batch, 4, dim, H, W) time steps are never stored.
     Returns:
         (batch, dim, H, W) in float32 (float64 for float64 x), like VMamba's "oflex" output; with the Triton
         kernels in x's memory layout, and the four directions summed by atomic adds (their order, and so the
         last bit of the sum, varies between runs).
     """
-    _check_cross(x, delta, A, B, C, D, delta_bias, dt_proj_weight)
+    _check_cross(x, delta, A, B, C, D, delta_bias)
     if _flop_counters:
         _count_flops(x.shape[0], 4 * x.shape[1], x.shape[2] * x.shape[3], A.shape[1], D is not None, False)
     if scan_backend(x.device, x.dtype, backend) == "torch":
-        if dt_proj_weight is not None:  # (the product that tools/flops.py counts as dt_proj's)
-            delta = torch.einsum("bkrhw,kdr->bkdhw", delta, dt_proj_weight.to(delta.dtype))
         return _cross_selective_scan_ref(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    args = (x, delta, A, B, C, D, None, delta_bias, dt_proj_weight, delta_softplus, False, tuple(x.shape[2:]),
-            torch.float32)
-    if _needs_grad(x, delta, A, B, C, D, delta_bias, dt_proj_weight):
+    args = (x, delta, A, B, C, D, None, delta_bias, delta_softplus, False, tuple(x.shape[2:]), torch.float32)
+    if _needs_grad(x, delta, A, B, C, D, delta_bias):
         return _TritonScan.apply(*args)[0]
     return _triton_scan(*args, False)[0]
 

@@ -66,38 +66,13 @@ def _map_position(t, k, L, H, W, CROSS: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _load_projection(W_ptr, c, mask_d, DT_RANK: tl.constexpr):
-    """The channels' rows of W (K * dim, DT_RANK) as DT_RANK (BLOCK_D,) float32 vectors (a tuple, empty
-    without a projection), loaded once before the chunk loop."""
-    w = ()
-    for r in tl.static_range(DT_RANK):
-        w = w + (tl.load(W_ptr + c * DT_RANK + r, mask=mask_d, other=0.0).to(tl.float32),)
-    return w
-
-
-@triton.jit
-def _load_time_step(delta_ptr, w, base, d, pos, mask_d, mask_t, sdt_d, DT_RANK: tl.constexpr):
-    """delta at one chunk's positions pos (1, BLOCK_L), (BLOCK_D, BLOCK_L) in float32: read from delta, or, with
-    DT_RANK > 0, projected from the direction's DT_RANK low-rank rows (delta then holds those rows) by the
-    channels' rows w of W: dt[c, t] = sum_r W[c, r] * delta[r, t]."""
-    if DT_RANK == 0:
-        dt = tl.load(delta_ptr + base + d[:, None] * sdt_d + pos, mask=mask_d[:, None] & mask_t, other=0.0
-                     ).to(tl.float32)
-    else:
-        dt = w[0][:, None] * tl.load(delta_ptr + base + pos, mask=mask_t, other=0.0).to(tl.float32)
-        for r in tl.static_range(1, DT_RANK):
-            dt += w[r][:, None] * tl.load(delta_ptr + base + r * sdt_d + pos, mask=mask_t, other=0.0).to(tl.float32)
-    return dt
-
-
-@triton.jit
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, chunk_state_ptr,
     dim, L, H, W, N, channels_per_group,
     su_b, su_d, su_h, su_w, sdt_b, sdt_k, sdt_d, sdt_h, sdt_w, sbc_b, sbc_g, sbc_n, sbc_h, sbc_w,
     CROSS: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_RANK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     WRITE_OUT: tl.constexpr, WRITE_LAST: tl.constexpr, WRITE_CHUNK_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -120,9 +95,8 @@ def _selective_scan_fwd_kernel(
         Dk = tl.load(D_ptr + c, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=mask_d, other=0.0).to(tl.float32)
-    w = _load_projection(W_ptr, c, mask_d, DT_RANK)
     u_rows = b * su_b + d[:, None] * su_d  # also out's and z's
-    delta_base = b * sdt_b + k * sdt_k
+    delta_rows = delta_ptr + b * sdt_b + k * sdt_k + d[:, None] * sdt_d
     bc_rows = b * sbc_b + g * sbc_g + n[:, None] * sbc_n
     state_rows = (b * K * dim + c[:, None]) * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
@@ -137,8 +111,7 @@ def _selective_scan_fwd_kernel(
             tl.store(chunk_state_ptr + (b * K * dim + c[:, None]) * n_chunks * N + chunk * N + n[None, :],
                      h, mask=mask_dn)
         u = tl.load(u_ptr + u_rows + u_pos, mask=mask_dt, other=0.0).to(tl.float32)
-        dt = _load_time_step(delta_ptr, w, delta_base, d, (row * sdt_h + col * sdt_w)[None, :], mask_d,
-                             mask_t[None, :], sdt_d, DT_RANK)
+        dt = tl.load(delta_rows + (row * sdt_h + col * sdt_w)[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt += bias[:, None]
         if SOFTPLUS:
@@ -169,19 +142,18 @@ def _selective_scan_fwd_kernel(
 
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, W_ptr, dout_ptr, dlast_ptr, chunk_state_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, dlast_ptr, chunk_state_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     dim, L, H, W, N, channels_per_group,
     su_b, su_d, su_h, su_w, sdt_b, sdt_k, sdt_d, sdt_h, sdt_w, sbc_b, sbc_g, sbc_n, sbc_h, sbc_w,
-    sg_b, sg_d, sg_h, sg_w, sdd_b, sdd_k, sdd_d, sdd_h, sdd_w,
+    sg_b, sg_d, sg_h, sg_w,
     CROSS: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_RANK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Gradients of the forward kernel's out (and last state), walking the chunks from the end. du and dz
-    take u's strides; ddelta, the gradient of the (projected) time step, is written at sdd_*; dout is read at
-    its own (sg_*)."""
+    take u's strides, ddelta delta's; dout is read at its own (sg_*)."""
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     K = tl.num_programs(1)
@@ -200,10 +172,8 @@ def _selective_scan_bwd_kernel(
         Dk = tl.load(D_ptr + c, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=mask_d, other=0.0).to(tl.float32)
-    w = _load_projection(W_ptr, c, mask_d, DT_RANK)
     u_rows = b * su_b + d[:, None] * su_d  # also du's, z's and dz's
-    delta_base = b * sdt_b + k * sdt_k
-    ddelta_rows = b * sdd_b + k * sdd_k + d[:, None] * sdd_d
+    delta_rows = b * sdt_b + k * sdt_k + d[:, None] * sdt_d  # also ddelta's
     bc_rows = b * sbc_b + g * sbc_g + n[:, None] * sbc_n
     g_rows = b * sg_b + d[:, None] * sg_d
     part_rows = (((b * K + k) * tl.num_programs(2) + tl.program_id(2)) * N + n[:, None]) * H * W  # dB/dC partials
@@ -228,9 +198,9 @@ def _selective_scan_bwd_kernel(
 
         # recompute this chunk's states from the state entering it
         u = tl.load(u_ptr + u_rows + u_pos, mask=mask_dt, other=0.0).to(tl.float32)
-        dt_raw = _load_time_step(delta_ptr, w, delta_base, d, dt_pos, mask_d, mask_t[None, :], sdt_d, DT_RANK)
-        dt_next = _load_time_step(delta_ptr, w, delta_base, d, (row_next * sdt_h + col_next * sdt_w)[None, :],
-                                  mask_d, mask_next[None, :], sdt_d, DT_RANK)
+        dt_raw = tl.load(delta_ptr + delta_rows + dt_pos, mask=mask_dt, other=0.0).to(tl.float32)
+        dt_next = tl.load(delta_ptr + delta_rows + (row_next * sdt_h + col_next * sdt_w)[None, :],
+                          mask=mask_d[:, None] & mask_next[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt_raw += bias[:, None]
             dt_next += bias[:, None]
@@ -288,7 +258,7 @@ def _selective_scan_bwd_kernel(
             ddt *= tl.sigmoid(dt_raw)
         ddt = tl.where(mask_dt, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(ddelta_ptr + ddelta_rows + (row * sdd_h + col * sdd_w)[None, :], ddt, mask=mask_dt)
+        tl.store(ddelta_ptr + delta_rows + dt_pos, ddt, mask=mask_dt)
 
     tl.atomic_add(dA_ptr + c[:, None] * N + n[None, :], dA_acc, mask=mask_dn)
     if HAS_D:
@@ -348,10 +318,9 @@ def _launch_args(u, delta, B, C, z):
     return (batch, dim, H * W, H, W, K, G, N), strides
 
 
-def _flags(D, z, delta_bias, delta_softplus, reverse, hw, dt_proj_weight):
+def _flags(D, z, delta_bias, delta_softplus, reverse, hw):
     return dict(CROSS=hw is not None, REVERSE=reverse, HAS_D=D is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-                DT_RANK=0 if dt_proj_weight is None else dt_proj_weight.shape[-1])
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus)
 
 
 def _like(t, dtype=None, zero=False):
@@ -361,12 +330,10 @@ def _like(t, dtype=None, zero=False):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
-             write_last=False, write_chunk_states=False, dt_proj_weight=None):
+             write_last=False, write_chunk_states=False):
     """Launch the forward kernel. ``hw=(H, W)`` selects the four-direction cross-scan: u (batch, dim, H, W),
     delta (batch, 4, dim, H, W), B and C (batch, 4, N, H, W), any strides (u and delta dense); out then has
-    u's strides. With ``dt_proj_weight`` (4, dim, R) (cross-scan only), delta is (batch, 4, R, H, W), the
-    low-rank rows that the kernel projects to the time steps. With ``write_chunk_states`` it writes only the
-    states entering the backward's chunks."""
+    u's strides. With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     shape_u = u.shape
     u, delta, B, C, z = _as_maps(u, delta, B, C, z, hw)
     (batch, dim, L, H, W, K, G, N), strides = _launch_args(u, delta, B, C, z)
@@ -379,21 +346,18 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
         if write_chunk_states else None
     grid = (batch, K, triton.cdiv(dim, cfg["BLOCK_D"]))
     _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, dt_proj_weight, out, last, states, dim, L, H, W, N, K * dim // G,
-        *strides, WRITE_OUT=out is not None, WRITE_LAST=write_last, WRITE_CHUNK_STATES=write_chunk_states,
-        **_flags(D, z, delta_bias, delta_softplus, reverse, hw, dt_proj_weight), **cfg)
+        u, delta, A, B, C, D, z, delta_bias, out, last, states, dim, L, H, W, N, K * dim // G, *strides,
+        WRITE_OUT=out is not None, WRITE_LAST=write_last, WRITE_CHUNK_STATES=write_chunk_states,
+        **_flags(D, z, delta_bias, delta_softplus, reverse, hw), **cfg)
     return (None if out is None else out.view(shape_u)), last, states
 
 
-def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None,
-             dt_proj_weight=None):
+def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), shaped and strided like the inputs (dB, dC
-    contiguous); recomputes the chunk states first. dout may have any strides. With ``dt_proj_weight``,
-    ddelta is the gradient of the projected time steps, (batch, 4, dim, H, W) with channels contiguous at each
-    pixel (the caller takes it through the projection)."""
+    contiguous); recomputes the chunk states first. dout may have any strides."""
     shapes = u.shape, delta.shape, B.shape
     _, _, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw,
-                            write_chunk_states=True, dt_proj_weight=dt_proj_weight)
+                            write_chunk_states=True)
     u, delta, B, C, z = _as_maps(u, delta, B, C, z, hw)
     dout = dout if hw is not None else dout.unsqueeze(2)
     (batch, dim, L, H, W, K, G, N), strides = _launch_args(u, delta, B, C, z)
@@ -401,10 +365,7 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
                   rows=batch * K)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = _like(u, torch.float32, zero=True) if hw is not None else _like(u)
-    if dt_proj_weight is None:
-        ddelta = _like(delta)
-    else:
-        ddelta = torch.empty(batch, H, W, K, dim, device=u.device, dtype=delta.dtype).permute(0, 3, 4, 1, 2)
+    ddelta = _like(delta)
     dA = torch.zeros(A.shape, **f32)
     grid = (batch, K, triton.cdiv(dim, cfg["BLOCK_D"]))
     dB_parts = torch.empty(batch, K * grid[2], N, L, **f32)
@@ -413,13 +374,12 @@ def scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     dz = _like(z) if z is not None else None
     dbias = torch.zeros(delta_bias.shape, **f32) if delta_bias is not None else None
     _selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, dt_proj_weight, dout, dlast, states,
+        u, delta, A, B, C, D, z, delta_bias, dout, dlast, states,
         du, ddelta, dA, dB_parts, dC_parts, dD, dz, dbias, dim, L, H, W, N, K * dim // G, *strides,
-        *dout.stride(), *ddelta.stride(), HAS_DLAST=dlast is not None,
-        **_flags(D, z, delta_bias, delta_softplus, reverse, hw, dt_proj_weight), **cfg)
+        *dout.stride(), HAS_DLAST=dlast is not None, **_flags(D, z, delta_bias, delta_softplus, reverse, hw),
+        **cfg)
     # each group's programs are a run of equal length in (direction, block) order
     dB = dB_parts.view(batch, G, K * grid[2] // G, N, L).sum(2).view(shapes[2])
     dC = dC_parts.view(batch, G, K * grid[2] // G, N, L).sum(2).view(shapes[2])
     dz = None if dz is None else dz.view(shapes[0])
-    ddelta = ddelta.view(shapes[1]) if dt_proj_weight is None else ddelta.view(batch, K, dim, H, W)
-    return du.to(u.dtype).view(shapes[0]), ddelta, dA, dB, dC, dD, dz, dbias
+    return du.to(u.dtype).view(shapes[0]), ddelta.view(shapes[1]), dA, dB, dC, dD, dz, dbias

@@ -271,33 +271,6 @@ def test_cross_selective_scan_channels_last(backend, dtype, N, hw):
         assert rel_err(g, truth_grads[name]) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("backend,dtype,N,hw", [("torch", torch.float32, 1, (5, 7)),
-                                                 ("triton", torch.float32, 1, (5, 7)),
-                                                 ("triton", torch.float32, 2, (3, 9)),
-                                                 ("triton", torch.bfloat16, 1, (6, 5))])
-def test_cross_selective_scan_projects_low_rank_time_steps(backend, dtype, N, hw):
-    """With dt_proj_weight the scan takes VMamba's low-rank dt rows (strided slices of one channels-last
-    projection, like B and C) and applies dt_proj itself: output and every gradient, the rows' and the
-    weight's included, match the truth run on the projected time steps."""
-    inputs = cross_inputs(2, 6, N, *hw, dtype, "cpu")
-    R, g = 3, torch.Generator().manual_seed(7)
-    proj = (torch.randn(2, *hw, 4, R + 2 * N, generator=g) * 0.5).to(dtype).to(DEVICE).requires_grad_()
-    weight = (torch.randn(4, 6, R, generator=g) / R ** 0.5).to(DEVICE).requires_grad_()
-    rest = {k: inputs[k].detach().to(DEVICE).requires_grad_() for k in ("x", "A", "D", "delta_bias")}
-    maps = lambda t: t.permute(0, 3, 4, 1, 2)  # noqa: E731
-    low, B, C = maps(proj[..., :R]), maps(proj[..., R:R + N]), maps(proj[..., R + N:])
-    out = cross_selective_scan(delta=low, B=B, C=C, **rest, delta_softplus=True, dt_proj_weight=weight,
-                               backend=backend)
-    truth = cross_truth(delta=torch.einsum("bkrhw,kdr->bkdhw", low.double(), weight.double()), B=B, C=C, **rest)
-    assert out.shape == rest["x"].shape and rel_err(out, truth) < TOL[dtype]
-    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
-    leaves = [proj, weight, *rest.values()]
-    grads = torch.autograd.grad(out, leaves, gy)
-    grads_truth = torch.autograd.grad(truth, leaves, gy.double())
-    for name, got, want in zip(["proj", "dt_proj_weight", *rest], grads, grads_truth):
-        assert got.dtype == want.dtype and rel_err(got, want) < TOL[dtype], name
-
-
 @pytest.mark.parametrize("N", [2, 16])
 def test_triton_backward_takes_strided_output_gradients(N):
     """The output gradient arrives transposed (not contiguous): the chunked kernels (N = 2) read it at its
@@ -503,11 +476,6 @@ def test_cross_bad_arguments_are_named():
         cross_selective_scan(**{**inputs, "x": inputs["x"].flatten(2)})
     with pytest.raises(ValueError, match=r"A must be \(4 \* dim, N\)"):
         cross_selective_scan(**{**inputs, "A": inputs["A"][:4]})
-    weight = torch.randn(4, 4, 2)
-    with pytest.raises(ValueError, match=r"delta has shape .*expected \(batch, 4, R, H, W\) with dt_proj_weight"):
-        cross_selective_scan(**inputs, dt_proj_weight=weight)
-    with pytest.raises(ValueError, match=r"dt_proj_weight must be \(4, dim, R\) with dim=4"):
-        cross_selective_scan(**inputs, dt_proj_weight=weight[:, :3])
 
 
 def test_backend_choice(monkeypatch):
