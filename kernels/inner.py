@@ -17,7 +17,7 @@ autocast would). On CUDA the whole path is one autograd node whose backward reco
 delta from the saved inputs, so training keeps none of them, and the host launches a few kernels instead of
 the ~25 autograd nodes of the composed path, which bound Vim's eager training step by the CPU (BENCHMARKS.md).
 Eager training enters it through an autograd.Function, torch.compile through two custom ops (forward and
-backward) that Inductor sees as opaque; both run the same two functions, `_inner_forward` and `_inner_backward`. Elsewhere it is that
+backward) that Inductor sees as opaque; both run `_inner_forward` and `_inner_backward`. Elsewhere it is that
 composition of `causal_conv1d` and `selective_scan` (their PyTorch references). The fused path serves state
 sizes N >= 8 (the stepped scan kernels); smaller N composes the general kernels.
 """
