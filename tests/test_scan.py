@@ -439,6 +439,18 @@ def test_cross_selective_scan_realistic_cuda(channels_last, shape):
         assert rel_err(g, grads_ref[name]) < TOL[torch.bfloat16], name
 
 
+def test_dense_layout_check():
+    """The cross-scan keeps u and delta as they are when their elements fill their span in some order of
+    dimensions (their gradients take those strides) and copies them otherwise."""
+    from vssm.kernels.scan import _dense
+    base = torch.randn(2, 5, 6, 8)
+    for t in (base, base.permute(0, 3, 1, 2), base[:1].transpose(1, 3), base.unsqueeze(2)):
+        assert _dense(t) is t
+    for t in (base[..., :7], base[:, :1], base[:, ::2], torch.randn(3, 4).expand(2, 3, 4)):
+        out = _dense(t)
+        assert out is not t and out.is_contiguous() and torch.equal(out, t)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # argument checks and backend choice
 # ---------------------------------------------------------------------------------------------------------
