@@ -17,7 +17,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from vssm.mm.launch import destroy_distributed, init_cpu_distributed  # noqa: E402
+from vssm.mm.launch import destroy_distributed, exit_worker, init_cpu_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,3 +70,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # under torchrun: skip interpreter finalization, where gloo's threads can abort the process
