@@ -1,17 +1,26 @@
-"""LayerNorm over the last dimension: the Triton kernels of `triton_norm` on CUDA, `F.layer_norm` elsewhere.
+"""Norms over the last dimension: the Triton kernels of `triton_norm` on CUDA, PyTorch elsewhere.
 
     y = layer_norm(x, weight, bias, eps=1e-5, out_dtype=None)
 
 x: (..., C) with any strides (a permuted channels-first map is read as it is); weight, bias: (C,).
 The result is contiguous, in ``out_dtype`` if given, else in the dtype F.layer_norm gives (float32 under
-CUDA autocast, x's dtype otherwise). Under torch.compile the torch path is taken, which Inductor fuses itself.
+CUDA autocast, x's dtype otherwise).
+
+    y, r = add_rms_norm(x, residual, weight, eps=1e-5, out_dtype=None)
+
+Mamba's pre-norm step: r = residual + x in float32 (r = x when residual is None), y = RMSNorm(r) * weight.
+x, residual: (..., C) of the same shape; weight: (C,). r is float32 (the residual stream the next block
+adds to); y is in ``out_dtype`` if given, else the autocast dtype under autocast (what the next matmul
+casts it to anyway), else weight's dtype. Both are differentiable.
+
+Under torch.compile both take the torch path, which Inductor fuses itself.
 """
 import torch
 import torch.nn.functional as F
 
 from .scan import scan_backend
 
-__all__ = ["layer_norm"]
+__all__ = ["layer_norm", "add_rms_norm"]
 
 
 def _rows(x):
@@ -56,3 +65,59 @@ def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None, backend="auto"):
         return _TritonLayerNorm.apply(x, weight, bias, eps, out_dtype)
     from .triton_norm import layer_norm_fwd  # inference: no autograd.Function around the kernel
     return layer_norm_fwd(_rows(x), weight, bias, eps, out_dtype)[0].view(x.shape)
+
+
+class _TritonAddRmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        from .triton_norm import add_rms_norm_fwd
+        C = x.shape[-1]
+        res2 = None if residual is None else residual.reshape(-1, C).contiguous()
+        y, r, rstd = add_rms_norm_fwd(x.reshape(-1, C).contiguous(), res2, weight, eps, out_dtype)
+        ctx.save_for_backward(r, weight, rstd)
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.res_dtype = None if residual is None else residual.dtype
+        ctx.set_materialize_grads(False)  # r's gradient is often absent (the last block's): no zeros read
+        return y.view(x.shape), r.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dr):
+        from .triton_norm import add_rms_norm_bwd
+        r, weight, rstd = ctx.saved_tensors
+        C = r.shape[-1]
+        dy = torch.zeros_like(r) if dy is None else dy.reshape(-1, C).contiguous()
+        dr = None if dr is None else dr.reshape(-1, C).float().contiguous()
+        dx, dres, dw = add_rms_norm_bwd(dy, dr, r, weight, rstd, ctx.x_dtype, ctx.res_dtype is not None)
+        dres = None if dres is None else dres.view(ctx.shape).to(ctx.res_dtype)
+        return dx.view(ctx.shape), dres, dw.to(weight.dtype), None, None
+
+
+def add_rms_norm_ref(x, residual, weight, eps=1e-5, out_dtype=None):
+    """The PyTorch path of `add_rms_norm` (float32 arithmetic, as the kernels)."""
+    r = x.float() if residual is None else residual.float() + x.float()
+    y = F.rms_norm(r, (r.shape[-1],), weight.float(), eps)
+    return y.to(out_dtype or weight.dtype), r
+
+
+def add_rms_norm(x, residual, weight, eps=1e-5, out_dtype=None, backend="auto"):
+    """residual + x and its RMSNorm (see the module docs); backend as for `selective_scan`."""
+    C = x.shape[-1]
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"add_rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or not residual.is_floating_point()):
+        raise ValueError(f"add_rms_norm: residual must be a floating-point tensor of x's shape {tuple(x.shape)}, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+    if weight.shape != (C,):
+        raise ValueError(f"add_rms_norm: weight must have shape ({C},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if out_dtype is None and torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    out_dtype = out_dtype or weight.dtype
+    if torch.compiler.is_compiling() or scan_backend(x.device, x.dtype, backend) == "torch":
+        return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
+        return _TritonAddRmsNorm.apply(x, residual, weight, eps, out_dtype)
+    from .triton_norm import add_rms_norm_fwd  # inference: no autograd.Function around the kernel
+    res2 = None if residual is None else residual.reshape(-1, C).contiguous()
+    y, r, _ = add_rms_norm_fwd(x.reshape(-1, C).contiguous(), res2, weight, eps, out_dtype)
+    return y.view(x.shape), r.view(x.shape)

@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -22,7 +23,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 from torch.utils.checkpoint import checkpoint
 
-from vssm.kernels import mamba_inner
+from vssm.kernels import add_rms_norm, mamba_inner
 
 from ._checkpoint import load_pretrained_file, own_loader, unwrap_state_dict
 from ._ssm import init_dt_bias_
@@ -105,7 +106,8 @@ class BiMamba(nn.Module):
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
         y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
                               reverse=True)
-        return self.out_proj((y + y_b) / 2)
+        # out_proj of the directions' average, with the 1/2 (exact in any float format) moved onto the weight
+        return F.linear(y + y_b, self.out_proj.weight * 0.5)
 
 
 class Block(nn.Module):
@@ -119,9 +121,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden, residual: Optional[torch.Tensor] = None):
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
-        return hidden, residual
+        hidden, residual = add_rms_norm(hidden if residual is None else self.drop_path(hidden), residual,
+                                        self.norm.weight, self.norm.eps)  # one pass: add, norm, cast
+        return self.mixer(hidden), residual
 
 
 def _insert_middle(tokens, cls_token):
@@ -263,13 +265,17 @@ class Vim(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual)
             if i in take_indices:
-                stream = residual + hidden.float()
-                taken.append((self.norm_f(stream.to(self.norm_f.weight.dtype)) if norm else stream).to(hidden.dtype))
+                taken.append(self._add_norm_f(hidden, residual) if norm else (residual + hidden.float()).to(hidden.dtype))
         return hidden, residual, taken
 
+    def _add_norm_f(self, hidden, residual):
+        """norm_f(residual + hidden) in hidden's dtype (the sum alone once norm_f is pruned)."""
+        if isinstance(self.norm_f, nn.Identity):
+            return (residual + hidden.float()).to(hidden.dtype)
+        return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, out_dtype=hidden.dtype)[0]
+
     def _final_norm(self, hidden, residual):
-        residual = residual + self.drop_path(hidden).float()
-        return self.norm_f(residual.to(self.norm_f.weight.dtype)).to(hidden.dtype)
+        return self._add_norm_f(self.drop_path(hidden), residual)
 
     def forward_features(self, x):
         """(batch, C, H, W) -> normalised tokens (batch, M + 1, D), the class token at index M // 2."""
