@@ -109,10 +109,10 @@ def _conv_bwd_kernel(
 
 
 def _blocks(x):
-    """(BLOCK_L, BLOCK_D): channels along the contiguous axis when x is channels-last."""
+    """(BLOCK_L, BLOCK_D, warps): channels along the contiguous axis when x is channels-last."""
     if x.stride(1) == 1:
-        return 32, 64
-    return 64, 32
+        return 32, 64, 4
+    return 64, 32, 4
 
 
 def conv_fwd(x, weight, bias, reverse, silu):
@@ -120,12 +120,12 @@ def conv_fwd(x, weight, bias, reverse, silu):
     batch, dim, L = x.shape
     K = weight.shape[-1]
     y = _dense_like(x)
-    BLOCK_L, BLOCK_D = _blocks(x)
+    BLOCK_L, BLOCK_D, warps = _blocks(x)
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(dim, BLOCK_D), batch)
     _conv_fwd_kernel[grid](x, weight.contiguous(), bias if bias is not None else weight, y, L, dim,
                            x.stride(0), x.stride(2), x.stride(1), y.stride(0), y.stride(2), y.stride(1),
                            K=K, REVERSE=reverse, SILU=silu, HAS_BIAS=bias is not None,
-                           BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+                           BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=warps)
     return y
 
 
@@ -135,14 +135,14 @@ def conv_bwd(x, weight, bias, dy, reverse, silu):
     K = weight.shape[-1]
     weight = weight.contiguous()
     g = _dense_like(x)
-    BLOCK_L, BLOCK_D = _blocks(x)
+    BLOCK_L, BLOCK_D, warps = _blocks(x)
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(dim, BLOCK_D), batch)
     dw = torch.empty(batch * grid[0], K, dim, device=x.device, dtype=torch.float32)
     db = torch.empty(batch * grid[0], dim, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight, dy, g, dw, db, L, dim,
                            x.stride(0), x.stride(2), x.stride(1), dy.stride(0), dy.stride(2), dy.stride(1),
                            g.stride(0), g.stride(2), g.stride(1), K=K, REVERSE=reverse, SILU=silu,
-                           HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=4)
+                           HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=warps)
     # dx[t] = sum_j w[j] g[t - o_j]: the conv of g with the taps of the other direction, no bias or SiLU
     dx = conv_fwd(g, weight, None, not reverse, False)
     return dx, dw.sum(0).t(), db.sum(0)
