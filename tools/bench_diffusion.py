@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import time_step  # noqa: E402
-from flops import _NORMS  # noqa: E402
+from flops import _COUNTED  # noqa: E402
 
 import vssm  # noqa: E402,F401  (registers vssm's models with timm)
 from vssm.kernels import count_scan_flops  # noqa: E402
@@ -58,7 +58,7 @@ def gflops(model, latent_size, device):
     """GFLOPs of one forward of one sample (see the module docs)."""
     x = torch.randn(1, model.in_chans, latent_size, latent_size, device=device)
     t, y = torch.tensor([500], device=device), torch.tensor([1], device=device)
-    counter = FlopCounterMode(display=False, custom_mapping=_NORMS)
+    counter = FlopCounterMode(display=False, custom_mapping=_COUNTED)
     with torch.no_grad(), counter, count_scan_flops() as scan:
         model(x, t, y)
     return (counter.get_total_flops() // 2 + scan["flops"]) / 1e9

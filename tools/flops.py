@@ -15,7 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import vssm  # noqa: F401  (registers vssm's models with timm)
 from vssm.kernels import count_scan_flops
@@ -31,15 +31,23 @@ def _norm_flops(input_shape, *args, **kwargs):
     return 2 * 5 * numel  # FlopCounterMode's unit is half a multiply-add; halved with the rest below
 
 
-_NORMS = {aten.native_layer_norm: lambda x_shape, *a, **k: _norm_flops(x_shape),
-          aten.native_group_norm: lambda x_shape, *a, **k: _norm_flops(x_shape)}
+def _cpu_attention_flops(q_shape, k_shape, v_shape, *args, **kwargs):
+    """SDPA's CPU kernel as torch counts its CUDA ones (torch 2.14's FlopCounterMode has no rule for it, so
+    DeiT's and DiT's attention counted zero on the CPU)."""
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+# what FlopCounterMode counts besides its own rules: the norms (fvcore) and the CPU's attention kernel
+_COUNTED = {aten.native_layer_norm: lambda x_shape, *a, **k: _norm_flops(x_shape),
+            aten.native_group_norm: lambda x_shape, *a, **k: _norm_flops(x_shape),
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 def count(model, img_size, in_chans=3):
     """dict(params, macs of matmuls/convs/attention/norms, scan_flops, gflops = their sum / 1e9)."""
     model.eval()
     x = torch.randn(1, in_chans, img_size, img_size)
-    counter = FlopCounterMode(display=False, custom_mapping=_NORMS)
+    counter = FlopCounterMode(display=False, custom_mapping=_COUNTED)
     with torch.no_grad(), counter, count_scan_flops() as scan:
         model(x)
     macs = counter.get_total_flops() // 2
