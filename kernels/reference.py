@@ -20,6 +20,9 @@ float32 in the kernels too). |S_t - m| is at most half of sum_t |dt_t * A|, and 
 row takes the closed form in float64, and beyond float64's range steps through the chunk one position at a
 time, so the result is exact for every input; such rows are rare (steep decays). A chunk's (rows, T) tensors
 are sized to a core's L2 cache (800 KB each measured best on the 2-core CI machine class, 1 MB of L2 per core).
+
+The backward is written out (`_ReferenceScan`): autograd keeps the states h (batch, dim, N, L) alone, and the
+adjoint, a recurrence of the same kind run right to left, goes through the same chunked closed form.
 """
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,96 @@ def _steep_rows(h, bu, log_a, span):
     return torch.stack(steps, -1)
 
 
+def _chunk_states(dt5, A5, x5, B5, h, T):
+    """Yield (s, states (batch, G, dim // G, N, t)) for the chunks s .. s + t of the recurrence
+    h_t = exp(dt_t A) h_{t-1} + x_t B_t, from the states h (rows,) before position 0. dt5, x5 (batch, G,
+    dim // G, 1, L); A5 (1, G, dim // G, N, 1); B5 (batch, G, 1, N, L); rows = batch * dim * N."""
+    batch, G, dpg, _, L = dt5.shape
+    N = A5.shape[3]
+    rows = batch * G * dpg * N
+    absA = A5.detach().abs()[..., 0]
+    for s in range(0, L, T):
+        dt_c = dt5[..., s:s + T]
+        t = dt_c.shape[-1]
+        # the chunk's cumulative time, centred on its midpoint, over (batch, dim) only: times A it is S - m
+        cdt = dt_c.cumsum(-1)
+        half = cdt[..., -1:] * 0.5
+        span = (dt_c.detach().abs().sum(-1) * absA).view(rows)  # = sum_t |dt_t * A| per row
+
+        def log_a_rows(idx, dt_c=dt_c, t=t):  # per-step log-decays dt_t * A of rows idx ((b, d) row, (d, n))
+            return dt_c.reshape(-1, t)[idx // N] * A5.reshape(-1)[idx % (G * dpg * N), None]
+        hs = _scan_chunk(h, ((cdt - half) * A5).view(rows, t), (half * A5).view(rows),
+                         (x5[..., s:s + T] * B5[..., s:s + T]).view(rows, t), log_a_rows, span)
+        h = hs[:, -1]
+        yield s, hs.view(batch, G, dpg, N, t)
+
+
+def _chunk_length(rows, element_size):
+    T = 16
+    while T < 64 and rows * 2 * T * element_size <= _CHUNK_BYTES:
+        T *= 2
+    return T
+
+
+def _scan_forward(dt5, u5, A5, B5, C5, keep_states):
+    """y (batch, G, dim // G, 1, L), the last state (batch, G, dim // G, N) and, if keep_states, every state
+    (batch, G, dim // G, N, L) of the scan on the shapes of `_chunk_states`."""
+    batch, G, dpg, _, L = dt5.shape
+    N = A5.shape[3]
+    h = dt5.new_zeros(batch * G * dpg * N)
+    states = dt5.new_empty(batch, G, dpg, N, L) if keep_states else None
+    ys = []
+    for s, hs in _chunk_states(dt5, A5, dt5 * u5, B5, h, _chunk_length(h.numel(), h.element_size())):
+        ys.append((hs * C5[..., s:s + hs.shape[-1]]).sum(-2, keepdim=True))
+        if keep_states:
+            states[..., s:s + hs.shape[-1]] = hs
+    return torch.cat(ys, -1), hs[..., -1], states
+
+
+class _ReferenceScan(torch.autograd.Function):
+    """The chunked scan with its adjoint written out, so that autograd keeps the states alone (not every
+    intermediate of every chunk) and the backward is one reverse chunked scan plus a few products:
+
+        lam_t = C_t gy_t + exp(dt_{t+1} A) lam_{t+1}    (lam after the end: the last state's gradient)
+        dC_t = sum_d h_t gy_t,   dB_t = sum_d lam_t dt_t u_t,   du_t = dt_t <lam_t, B_t>,
+        ddt_t = u_t <lam_t, B_t> + <A, lam_t a_t h_{t-1}>,   dA = sum_{b, t} dt_t lam_t a_t h_{t-1},
+
+    with a_t h_{t-1} = h_t - dt_t u_t B_t taken from the kept states. The adjoint is the forward recurrence
+    on the flipped sequence (decays shifted by one position), so it is exact the same way."""
+
+    @staticmethod
+    def forward(ctx, dt5, u5, A5, B5, C5):
+        y5, last, hs = _scan_forward(dt5, u5, A5, B5, C5, keep_states=True)
+        ctx.save_for_backward(dt5, u5, A5, B5, C5, hs)
+        return y5, last
+
+    @staticmethod
+    def backward(ctx, gy5, glast):
+        dt5, u5, A5, B5, C5, hs = ctx.saved_tensors
+        L = dt5.shape[-1]
+        dtu5 = dt5 * u5
+        dt_next = F.pad(dt5[..., 1:], (0, 1)).flip(-1)  # flipped: position s decays the lam after it
+        gy5 = torch.zeros_like(dt5) if gy5 is None else gy5.contiguous()  # any layout (a channels-last z makes one)
+        h0 = (glast if glast is not None else hs.new_zeros(hs.shape[:-1])).reshape(-1)
+        T = _chunk_length(h0.numel(), h0.element_size())
+        du, ddt, dB, dC = [], [], [], []
+        dA = torch.zeros_like(A5)
+        for s, lam in _chunk_states(dt_next, A5, gy5.flip(-1), C5.flip(-1), h0, T):
+            t = lam.shape[-1]
+            at = slice(L - s - t, L - s)  # the chunk's positions in the original order
+            lam, h, dt, dtu, B = lam.flip(-1), hs[..., at], dt5[..., at], dtu5[..., at], B5[..., at]
+            lam_ah = lam * (h - dtu * B)  # lam_t a_t h_{t-1}
+            lam_B = (lam * B).sum(3, keepdim=True)
+            dC.append((h * gy5[..., at]).sum(2, keepdim=True))
+            dB.append((lam * dtu).sum(2, keepdim=True))
+            du.append(dt * lam_B)
+            ddt.append(u5[..., at] * lam_B + (lam_ah * A5).sum(3, keepdim=True))
+            dA += (lam_ah * dt).sum((0, 4), keepdim=True)
+        # the chunks came from the end of the sequence
+        return tuple(torch.cat(g[::-1], -1) for g in (ddt, du)) + (dA,) + tuple(
+            torch.cat(g[::-1], -1) for g in (dB, dC))
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, reverse=False):
     """Reference scan on validated inputs; B and C are grouped (batch, G, N, L). See `selective_scan`."""
@@ -78,34 +171,16 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     # factors contiguous, so that their products come out as dense (rows, T) chunks
     A5 = A.to(f).view(1, G, dim // G, N, 1)
     dt5 = dt.contiguous().view(batch, G, dim // G, 1, L)
-    dtu5 = (dt5 * u_f.view(batch, G, dim // G, 1, L)).contiguous()
+    u5 = u_f.contiguous().view(batch, G, dim // G, 1, L)
     B5, C5 = B.to(f).contiguous()[:, :, None], C.to(f).contiguous()[:, :, None]
     if reverse:
-        dt5, dtu5, B5, C5 = dt5.flip(-1), dtu5.flip(-1), B5.flip(-1), C5.flip(-1)
-
-    rows = batch * dim * N
-    T = 16
-    while T < 64 and rows * 2 * T * u_f.element_size() <= _CHUNK_BYTES:
-        T *= 2
-    absA = A5.detach().abs()[..., 0]
-    h = u_f.new_zeros(rows)
-    ys = []
-    for s in range(0, L, T):
-        dt_c = dt5[..., s:s + T]
-        t = dt_c.shape[-1]
-        # the chunk's cumulative time, centred on its midpoint, over (batch, dim) only: times A it is S - m
-        cdt = dt_c.cumsum(-1)
-        half = cdt[..., -1:] * 0.5
-        span = (dt_c.detach().abs().sum(-1) * absA).view(rows)  # = sum_t |dt_t * A| per row
-
-        def log_a_rows(idx, dt_c=dt_c, t=t):  # per-step log-decays dt_t * A of rows idx ((b, d) row, (d, n))
-            return dt_c.reshape(-1, t)[idx // N] * A5.reshape(-1)[idx % (dim * N), None]
-        hs = _scan_chunk(h, ((cdt - half) * A5).view(rows, t), (half * A5).view(rows),
-                         (dtu5[..., s:s + T] * B5[..., s:s + T]).view(rows, t), log_a_rows, span)
-        h = hs[:, -1]
-        ys.append((hs.view(batch, G, dim // G, N, t) * C5[..., s:s + T]).sum(-2))
-    h = h.view(batch, dim, N)
-    y = torch.cat(ys, -1).reshape(batch, dim, L)
+        dt5, u5, B5, C5 = dt5.flip(-1), u5.flip(-1), B5.flip(-1), C5.flip(-1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dt5, u5, A5, B5, C5)):
+        y, h = _ReferenceScan.apply(dt5, u5, A5, B5, C5)
+    else:
+        y, h = _scan_forward(dt5, u5, A5, B5, C5, keep_states=False)[:2]
+    h = h.reshape(batch, dim, N)
+    y = y.reshape(batch, dim, L)
     if reverse:
         y = y.flip(-1)
     if D is not None:

@@ -101,6 +101,26 @@ def test_reference_takes_channels_last_views():
         torch.testing.assert_close(strided, dense, rtol=1e-6, atol=1e-6)
 
 
+def test_reference_inference_path_and_strided_gradients():
+    """Without autograd the reference keeps no states and gives the same y. Its written-out backward takes
+    output gradients in any layout: y.sum()'s (expanded) and, through a channels-last gate z, a channels-last
+    one, with the results of a dense gradient."""
+    inputs = make_inputs(2, 6, 4, 50, 2, torch.float32, seed=11)
+    inputs["z"] = inputs["z"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    for z in (None, inputs["z"]):
+        args = dict(inputs, z=z)
+        present = [v for v in args.values() if v is not None]
+        for reverse in (False, True):
+            y = selective_scan(**args, delta_softplus=True, reverse=reverse, backend="torch")
+            with torch.no_grad():
+                y_inf = selective_scan(**args, delta_softplus=True, reverse=reverse, backend="torch")
+            torch.testing.assert_close(y_inf, y.detach(), rtol=0, atol=0)
+            strided = torch.autograd.grad(y.sum(), present, retain_graph=True)
+            dense = torch.autograd.grad(y, present, torch.ones_like(y).contiguous())
+            for a, b in zip(strided, dense):
+                torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_reference_exact_for_steep_decay(reverse):
     """delta * A of hundreds per step in one channel: its closed form would overflow, so its rows step

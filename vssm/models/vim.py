@@ -265,7 +265,8 @@ class Vim(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual)
             if i in take_indices:
-                taken.append(self._add_norm_f(hidden, residual) if norm else (residual + hidden.float()).to(hidden.dtype))
+                stream = self._add_norm_f(hidden, residual) if norm else residual + hidden.float()
+                taken.append(stream.to(hidden.dtype))
         return hidden, residual, taken
 
     def _add_norm_f(self, hidden, residual):
