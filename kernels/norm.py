@@ -67,13 +67,18 @@ def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None, backend="auto"):
     return layer_norm_fwd(_rows(x), weight, bias, eps, out_dtype)[0].view(x.shape)
 
 
+def _add_rms_norm_fwd(x, residual, weight, eps, out_dtype):
+    """The forward kernel on x and residual (..., C) as contiguous rows: y, r (rows, C) and rstd (rows,)."""
+    from .triton_norm import add_rms_norm_fwd
+    C = x.shape[-1]
+    res2 = None if residual is None else residual.reshape(-1, C).contiguous()
+    return add_rms_norm_fwd(x.reshape(-1, C).contiguous(), res2, weight, eps, out_dtype)
+
+
 class _TritonAddRmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, out_dtype):
-        from .triton_norm import add_rms_norm_fwd
-        C = x.shape[-1]
-        res2 = None if residual is None else residual.reshape(-1, C).contiguous()
-        y, r, rstd = add_rms_norm_fwd(x.reshape(-1, C).contiguous(), res2, weight, eps, out_dtype)
+        y, r, rstd = _add_rms_norm_fwd(x, residual, weight, eps, out_dtype)
         ctx.save_for_backward(r, weight, rstd)
         ctx.shape, ctx.x_dtype = x.shape, x.dtype
         ctx.res_dtype = None if residual is None else residual.dtype
@@ -92,11 +97,10 @@ class _TritonAddRmsNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dres, dw.to(weight.dtype), None, None
 
 
-def add_rms_norm_ref(x, residual, weight, eps=1e-5, out_dtype=None):
+def add_rms_norm_ref(x, residual, weight, eps, out_dtype):
     """The PyTorch path of `add_rms_norm` (float32 arithmetic, as the kernels)."""
     r = x.float() if residual is None else residual.float() + x.float()
-    y = F.rms_norm(r, (r.shape[-1],), weight.float(), eps)
-    return y.to(out_dtype or weight.dtype), r
+    return F.rms_norm(r, (r.shape[-1],), weight.float(), eps).to(out_dtype), r
 
 
 def add_rms_norm(x, residual, weight, eps=1e-5, out_dtype=None, backend="auto"):
@@ -117,7 +121,5 @@ def add_rms_norm(x, residual, weight, eps=1e-5, out_dtype=None, backend="auto"):
         return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
         return _TritonAddRmsNorm.apply(x, residual, weight, eps, out_dtype)
-    from .triton_norm import add_rms_norm_fwd  # inference: no autograd.Function around the kernel
-    res2 = None if residual is None else residual.reshape(-1, C).contiguous()
-    y, r, _ = add_rms_norm_fwd(x.reshape(-1, C).contiguous(), res2, weight, eps, out_dtype)
+    y, r, _ = _add_rms_norm_fwd(x, residual, weight, eps, out_dtype)  # inference: no autograd.Function
     return y.view(x.shape), r.view(x.shape)

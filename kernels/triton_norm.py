@@ -99,6 +99,13 @@ def _blocks(C):
     return block_m, block_c, warps
 
 
+def _backward_programs(rows, block_m):
+    """Rows per backward program (whole blocks, about 4 programs per SM of an H100) and the program count: few
+    partial sums of dw (and db) to add up afterwards."""
+    rows_per_program = block_m * max(1, min(64, triton.cdiv(rows, block_m * 4 * 132)))
+    return rows_per_program, triton.cdiv(rows, rows_per_program)
+
+
 def layer_norm_fwd(x3, weight, bias, eps, out_dtype):
     """x3: (batch, P, C) with any strides -> y (batch * P, C) contiguous in out_dtype, mean, rstd (rows,)."""
     batch, P, C = x3.shape
@@ -118,8 +125,7 @@ def layer_norm_bwd(dy, x3, weight, mean, rstd):
     batch, P, C = x3.shape
     rows = batch * P
     block_m, block_c, warps = _blocks(C)
-    rows_per_program = block_m * max(1, min(64, triton.cdiv(rows, block_m * 4 * 132)))
-    programs = triton.cdiv(rows, rows_per_program)
+    rows_per_program, programs = _backward_programs(rows, block_m)
     dx = torch.empty(rows, C, device=dy.device, dtype=x3.dtype)
     dw = torch.empty(programs, C, device=dy.device, dtype=torch.float32)
     db = torch.empty_like(dw)
@@ -201,8 +207,7 @@ def add_rms_norm_bwd(dy, dr, r, weight, rstd, x_dtype, has_residual):
     without a residual), dw (C,) in float32."""
     rows, C = r.shape
     block_m, block_c, warps = _blocks(C)
-    rows_per_program = block_m * max(1, min(64, triton.cdiv(rows, block_m * 4 * 132)))
-    programs = triton.cdiv(rows, rows_per_program)
+    rows_per_program, programs = _backward_programs(rows, block_m)
     dx = torch.empty(rows, C, device=r.device, dtype=x_dtype)
     dres = torch.empty(rows, C, device=r.device, dtype=torch.float32) if has_residual else None
     dw = torch.empty(programs, C, device=r.device, dtype=torch.float32)
