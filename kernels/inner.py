@@ -110,12 +110,10 @@ def _scan_inputs(xc, x_dbl, delta, A, D, z, dt_proj_bias):
     return _prepare(xc.transpose(1, 2), delta.transpose(1, 2), A, B, C, D, z.transpose(1, 2), dt_proj_bias, None)
 
 
-def _inner_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
-                   add_to=None):
-    """y (batch, L, dim) dense; with add_to (batch, L, dim) dense in x's dtype, add_to + y written into add_to."""
+def _inner_forward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse):
     xc, x_dbl, delta = _projections(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, reverse)
     kernels, inputs = _scan_inputs(xc, x_dbl, delta, A, D, z, dt_proj_bias)
-    y, _, _ = kernels.scan_fwd(*inputs, True, reverse, None, add_to=None if add_to is None else add_to.transpose(1, 2))
+    y, _, _ = kernels.scan_fwd(*inputs, True, reverse, None)
     return y.transpose(1, 2).contiguous()  # (already so: dense in u's channels-last order)
 
 
@@ -201,29 +199,18 @@ class _MambaInner(torch.autograd.Function):
 
 
 def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D=None, reverse=False,
-                backend="auto", add_to=None):
+                backend="auto"):
     """One direction of Mamba's conv + projections + selective scan; see the module docs. backend as for
-    `selective_scan` ("auto": the fused Triton path on CUDA, the composed PyTorch path elsewhere).
-
-    add_to: (batch, L, dim), e.g. the other direction's output: returns add_to + y. add_to is consumed: in
-    eager inference on the fused path the scan adds its output into add_to in place (one (batch, L, dim) buffer
-    and one elementwise pass fewer, BENCHMARKS.md) and returns it."""
+    `selective_scan` ("auto": the fused Triton path on CUDA, the composed PyTorch path elsewhere)."""
     _check_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    if add_to is not None:
-        _expect("mamba_inner", "add_to", add_to, x.shape, "(batch, L, dim) like x")
     if scan_backend(x.device, x.dtype, backend) == "torch" or A.shape[1] < 8:
-        y = _composed(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
-                      backend)
-        return y if add_to is None else add_to + y
+        return _composed(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse,
+                         backend)
     if _flop_counters:
         _count_flops(x.shape[0], x.shape[2], x.shape[1], A.shape[1], D is not None, True)
     args = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, reverse)
     if torch.compiler.is_compiling():
-        y = _inner_fwd_op(*args)  # opaque to Inductor
-    elif _needs_grad(*args[:-1], add_to):
-        y = _MambaInner.apply(*args)
-    elif add_to is not None and add_to.is_contiguous() and add_to.dtype == x.dtype:
-        return _inner_forward(*args, add_to=add_to)  # eager inference: the kernels alone, adding in place
-    else:
-        y = _inner_forward(*args)  # eager inference: the kernels alone
-    return y if add_to is None else add_to + y
+        return _inner_fwd_op(*args)  # opaque to Inductor
+    if _needs_grad(*args[:-1]):
+        return _MambaInner.apply(*args)
+    return _inner_forward(*args)  # eager inference: the kernels alone

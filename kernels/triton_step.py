@@ -140,25 +140,14 @@ def _y(h, Ct, u, Dd, HAS_D: tl.constexpr):
 
 
 @triton.jit
-def _store_output(h, p, valid, u, Ct, zt, prev, Dd, out_ptr, out_row, so_l, mask_d, HAS_D: tl.constexpr,
-                  HAS_Z: tl.constexpr, ADD: tl.constexpr):
-    """out at position p (where valid): <C, h> + D u, gated by silu(z); with ADD, plus prev (what out held
-    there, loaded ahead by the caller)."""
+def _store_output(h, p, valid, u, Ct, zt, Dd, out_ptr, out_row, so_l, mask_d, HAS_D: tl.constexpr,
+                  HAS_Z: tl.constexpr):
+    """out at position p (where valid): <C, h> + D u, gated by silu(z)."""
     y = _y(h, Ct, u, Dd, HAS_D)
     if HAS_Z:
         zt = zt.to(tl.float32)
         y *= zt * tl.sigmoid(zt)
-    if ADD:
-        y += prev.to(tl.float32)
     tl.store(out_ptr + out_row + p * so_l, y, mask=tl.where(valid, mask_d, False))
-
-
-@triton.jit
-def _load_prev(p, valid, out_ptr, out_row, so_l, mask_d, ADD: tl.constexpr):
-    """What out holds at position p where the forward adds to it (ADD), loaded ahead like the inputs."""
-    if ADD:
-        return tl.load(out_ptr + out_row + p * so_l, mask=tl.where(valid, mask_d, False), other=0.0)
-    return tl.zeros(mask_d.shape, dtype=tl.float32)
 
 
 @triton.jit
@@ -228,7 +217,7 @@ def _scan_fwd_step_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sB_b, sB_g, sB_n, sB_l, so_b, so_d, so_l,
     N: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_CHUNK_STATES: tl.constexpr, SUMMARY: tl.constexpr,
-    COMPOSE: tl.constexpr, ADD: tl.constexpr,
+    COMPOSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Program (b, channel block, segment) walks the steps of its segment, [s * seg_len, (s + 1) * seg_len).
@@ -236,8 +225,8 @@ def _scan_fwd_step_kernel(
     SUMMARY: from a zero state; writes the segment's end state (batch, segments, N, dim) and its summed dt
     (batch, segments, dim), so that exp(A sum dt) carries a state across it. Otherwise (COMPOSE: after a
     SUMMARY launch) the state entering the segment is composed from the summaries of the segments before it;
-    then the walk writes out (batch, dim, L) at strides so_* (ADD: adds to it) and the last state (batch, dim,
-    N), or only the chunk-entry states (batch, L / CHUNK, N, dim)."""
+    then the walk writes out (batch, dim, L) at strides so_* and the last state (batch, dim, N), or only the
+    chunk-entry states (batch, L / CHUNK, N, dim)."""
     b, d, n, mask_d, mask_n, mask_nd, row, bc_row, A, Dd, bias = _program_tile(
         At_ptr, D_ptr, bias_ptr, dim, channels_per_group, su_b, su_d, sB_b, sB_g, sB_n,
         N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
@@ -259,31 +248,26 @@ def _scan_fwd_step_kernel(
                                      z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
     u1, dl1, B1, C1, z1 = _load_step(p + step, t_begin + 1 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
                                      dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
-    o0 = _load_prev(p, t_begin < t_end, out_ptr, out_row, so_l, mask_d, ADD)
-    o1 = _load_prev(p + step, t_begin + 1 < t_end, out_ptr, out_row, so_l, mask_d, ADD)
     for t in range(t_begin, t_end, 2):
         if WRITE_CHUNK_STATES:
             if t % CHUNK == 0:
                 tl.store(chunk_state_ptr + state + (t // CHUNK) * N * dim, h, mask=mask_nd)
         cu0, cd0, cB0, cC0, cz0, cu1, cd1, cB1, cC1, cz1 = u0, dl0, B0, C0, z0, u1, dl1, B1, C1, z1
-        co0, co1 = o0, o1
         u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, t + 2 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
                                          dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
                                          HAS_Z)
-        o0 = _load_prev(p + 2 * step, t + 2 < t_end, out_ptr, out_row, so_l, mask_d, ADD)
-        o1 = _load_prev(p + 3 * step, t + 3 < t_end, out_ptr, out_row, so_l, mask_d, ADD)
         u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, t + 3 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
                                          dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
                                          HAS_Z)
         h, dt = _advance(h, cu0, cd0, cB0, A, bias, True, SOFTPLUS)
         dt_sum += dt
         if WRITE_OUT:
-            _store_output(h, p, True, cu0, cC0, cz0, co0, Dd, out_ptr, out_row, so_l, mask_d, HAS_D, HAS_Z, ADD)
+            _store_output(h, p, True, cu0, cC0, cz0, Dd, out_ptr, out_row, so_l, mask_d, HAS_D, HAS_Z)
         h, dt = _advance(h, cu1, cd1, cB1, A, bias, t + 1 < t_end, SOFTPLUS)
         dt_sum += dt
         if WRITE_OUT:
-            _store_output(h, p + step, t + 1 < t_end, cu1, cC1, cz1, co1, Dd, out_ptr, out_row, so_l, mask_d,
-                          HAS_D, HAS_Z, ADD)
+            _store_output(h, p + step, t + 1 < t_end, cu1, cC1, cz1, Dd, out_ptr, out_row, so_l, mask_d, HAS_D,
+                          HAS_Z)
         p += 2 * step
     if SUMMARY:
         _store_summary(h, dt_sum, seg_state_ptr, seg_dt_ptr, b, n, d, mask_d, mask_nd, dim, N)
@@ -520,9 +504,9 @@ def _segments(programs, L, target):
 
 
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=None, out_dtype=None,
-             write_last=False, write_chunk_states=False, add_to=None):
+             write_last=False, write_chunk_states=False):
     """Forward launch: every input at its own strides (B and C as ``states_last`` gives them); out dense, its
-    dimensions in the order of u's strides, or ``add_to`` (laid out so) with the output added to it in place.
+    dimensions in the order of u's strides.
     With ``write_chunk_states`` it writes only the states entering the backward's chunks."""
     assert hw is None, "the stepped kernels serve plain scans; the cross-scan uses triton_scan"
     batch, dim, L = u.shape
@@ -534,9 +518,6 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
         states = torch.empty(batch, triton.cdiv(L, CHUNK), N, dim, **f32)
     else:
         out = _dense_like(u, out_dtype)
-        if add_to is not None:
-            assert add_to.shape == out.shape and add_to.stride() == out.stride() and add_to.dtype == out.dtype
-            out = add_to
         last = torch.empty(batch, dim, N, **f32)
     seg_len = _segments(batch * triton.cdiv(dim, cfg["BLOCK_D"]), L, SEGMENT_TARGET["forward"])
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]), triton.cdiv(L, seg_len))
@@ -547,9 +528,9 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, hw=No
     flags = dict(N=N, **_flags(D, z, delta_bias, delta_softplus, reverse), **cfg)
     if grid[2] > 1:
         _scan_fwd_step_kernel[grid](*args, WRITE_OUT=False, WRITE_CHUNK_STATES=False, SUMMARY=True,
-                                    COMPOSE=False, ADD=False, **flags)
+                                    COMPOSE=False, **flags)
     _scan_fwd_step_kernel[grid](*args, WRITE_OUT=out is not None, WRITE_CHUNK_STATES=write_chunk_states,
-                                SUMMARY=False, COMPOSE=grid[2] > 1, ADD=add_to is not None, **flags)
+                                SUMMARY=False, COMPOSE=grid[2] > 1, **flags)
     return out, last, states
 
 

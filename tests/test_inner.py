@@ -74,32 +74,6 @@ def test_inference_path_and_optional_inputs():
                                        msg=name)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_add_to_in_place_in_inference_and_differentiable_in_training(reverse):
-    """add_to (Vim's other direction): without gradients the scan kernel adds into it in place and returns it,
-    with the values of add_to + y; with gradients it is add_to + y out of place, add_to's gradient the output's."""
-    xz, params, dy = _inputs(L=11, seed=5)
-    x, z = xz.to(DEVICE).chunk(2, dim=-1)
-    ps = {k: v.to(DEVICE) for k, v in params.items()}
-    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    with torch.no_grad():
-        truth = other + mamba_inner(x, z, **ps, reverse=reverse, backend="torch")
-        add_to = other.clone()
-        out = mamba_inner(x, z, **ps, reverse=reverse, backend="triton", add_to=add_to)
-        assert out.data_ptr() == add_to.data_ptr()
-        torch.testing.assert_close(out, truth, rtol=1e-4, atol=1e-5)
-        strided = torch.cat([other, other], -1)[..., ::2]  # not dense: added out of place
-        torch.testing.assert_close(mamba_inner(x, z, **ps, reverse=reverse, backend="triton", add_to=strided),
-                                   strided + truth - other, rtol=1e-4, atol=1e-5)
-    other.requires_grad_()
-    out = mamba_inner(x, z, **ps, reverse=reverse, backend="triton", add_to=other)
-    torch.testing.assert_close(out.detach(), truth, rtol=1e-4, atol=1e-5)
-    (out * dy.to(DEVICE)).sum().backward()
-    torch.testing.assert_close(other.grad, dy.to(DEVICE))
-    with pytest.raises(ValueError, match="add_to"):
-        mamba_inner(x, z, **ps, add_to=other[:, :-1])
-
-
 def test_torch_compile_runs_the_fused_op(monkeypatch):
     """Under torch.compile (fullgraph, Inductor) the fused custom ops run, forward and backward, with eager's
     values; A comes from A_log inside the graph, so Inductor's kernel for dA_log reads dA at the strides that

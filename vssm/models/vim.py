@@ -95,20 +95,19 @@ class BiMamba(nn.Module):
             init_dt_bias_(dt_proj.bias, dt_min, dt_max, dt_init_floor)
             dt_proj.bias._no_reinit = True
 
-    def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse, add_to=None):
-        """One direction's conv + selective scan on channels-last x, z (batch, L, d_inner); returns the same
-        (added to add_to). The backward direction's conv is anti-causal (the causal conv of the flipped sequence,
-        flipped back)."""
+    def _direction(self, x, z, conv1d, x_proj, dt_proj, A_log, D, reverse):
+        """One direction's conv + selective scan on channels-last x, z (batch, L, d_inner); returns the same.
+        The backward direction's conv is anti-causal (the causal conv of the flipped sequence, flipped back)."""
         return mamba_inner(x, z, conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
-                           -torch.exp(A_log.float()), D.float(), reverse=reverse, add_to=add_to)
+                           -torch.exp(A_log.float()), D.float(), reverse=reverse)
 
     def forward(self, tokens):
         x, z = self.in_proj(tokens).chunk(2, dim=-1)  # (batch, L, d_inner) each, read in place by the scans
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        y = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                            reverse=True, add_to=y)  # y_forward + y_backward (in inference, by the scan itself)
+        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                              reverse=True)
         # out_proj of the directions' average, with the 1/2 (exact in any float format) moved onto the weight
-        return F.linear(y, self.out_proj.weight * 0.5)
+        return F.linear(y + y_b, self.out_proj.weight * 0.5)
 
 
 class Block(nn.Module):
