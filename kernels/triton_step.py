@@ -123,6 +123,33 @@ def _load_step(p, valid, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_
 
 
 @triton.jit
+def _load_channels(p, valid, u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                   WRITE_OUT: tl.constexpr, HAS_Z: tl.constexpr):
+    """The per-channel inputs at position p, u, delta and z (zeros where not valid; z only when used): three
+    registers a thread, read from HBM, so the forward loads them two iterations ahead."""
+    mask_d = tl.where(valid, mask_d, False)
+    u = tl.load(u_ptr + row + p * su_l, mask=mask_d, other=0.0)
+    delta = tl.load(delta_ptr + dt_row + p * sdt_l, mask=mask_d, other=0.0)
+    z = u  # placeholder where z is not read
+    if WRITE_OUT:
+        if HAS_Z:
+            z = tl.load(z_ptr + z_row + p * sz_l, mask=mask_d, other=0.0)
+    return u, delta, z
+
+
+@triton.jit
+def _load_states(p, valid, B_ptr, C_ptr, bc_row, sB_l, mask_n, WRITE_OUT: tl.constexpr):
+    """B and C at position p (zeros where not valid; C only when used): 2 N registers a thread, shared by
+    every channel block of the batch row (L2), loaded one iteration ahead."""
+    mask_n = tl.where(valid, mask_n, False)
+    B = tl.load(B_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+    C = B  # placeholder where C is not read
+    if WRITE_OUT:
+        C = tl.load(C_ptr + bc_row + p * sB_l, mask=mask_n, other=0.0)
+    return B, C
+
+
+@triton.jit
 def _advance(h, u, delta, Bt, A2, bias, valid, SOFTPLUS: tl.constexpr):
     """The state after one step and the step's dt (dt = 0 where not valid, which leaves h as it is)."""
     _, dt = _time_step(delta, bias, SOFTPLUS)
@@ -243,22 +270,36 @@ def _scan_fwd_step_kernel(
     state = (b * tl.cdiv(L, CHUNK) * N + n[:, None]) * dim + d[None, :]  # offset of the first chunk's state
     step = -1 if REVERSE else 1
     p = L - 1 - t_begin if REVERSE else t_begin  # the position of step t
-    # two steps per iteration, their inputs loaded one iteration ahead
-    u0, dl0, B0, C0, z0 = _load_step(p, t_begin < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row, dt_row, bc_row,
-                                     z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
-    u1, dl1, B1, C1, z1 = _load_step(p + step, t_begin + 1 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
-                                     dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT, HAS_Z)
+    # two steps per iteration; u, delta and z loaded two iterations ahead, B and C one
+    u0, dl0, z0 = _load_channels(p, t_begin < t_end,
+                                 u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                 WRITE_OUT, HAS_Z)
+    u1, dl1, z1 = _load_channels(p + step, t_begin + 1 < t_end,
+                                 u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                 WRITE_OUT, HAS_Z)
+    u2, dl2, z2 = _load_channels(p + 2 * step, t_begin + 2 < t_end,
+                                 u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                 WRITE_OUT, HAS_Z)
+    u3, dl3, z3 = _load_channels(p + 3 * step, t_begin + 3 < t_end,
+                                 u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                 WRITE_OUT, HAS_Z)
+    B0, C0 = _load_states(p, t_begin < t_end, B_ptr, C_ptr, bc_row, sB_l, mask_n, WRITE_OUT)
+    B1, C1 = _load_states(p + step, t_begin + 1 < t_end, B_ptr, C_ptr, bc_row, sB_l, mask_n, WRITE_OUT)
     for t in range(t_begin, t_end, 2):
         if WRITE_CHUNK_STATES:
             if t % CHUNK == 0:
                 tl.store(chunk_state_ptr + state + (t // CHUNK) * N * dim, h, mask=mask_nd)
-        cu0, cd0, cB0, cC0, cz0, cu1, cd1, cB1, cC1, cz1 = u0, dl0, B0, C0, z0, u1, dl1, B1, C1, z1
-        u0, dl0, B0, C0, z0 = _load_step(p + 2 * step, t + 2 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
-                                         dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
-                                         HAS_Z)
-        u1, dl1, B1, C1, z1 = _load_step(p + 3 * step, t + 3 < t_end, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, row,
-                                         dt_row, bc_row, z_row, su_l, sdt_l, sB_l, sz_l, mask_d, mask_n, WRITE_OUT,
-                                         HAS_Z)
+        cu0, cd0, cz0, cu1, cd1, cz1 = u0, dl0, z0, u1, dl1, z1
+        cB0, cC0, cB1, cC1 = B0, C0, B1, C1
+        u0, dl0, z0, u1, dl1, z1 = u2, dl2, z2, u3, dl3, z3
+        u2, dl2, z2 = _load_channels(p + 4 * step, t + 4 < t_end,
+                                     u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                     WRITE_OUT, HAS_Z)
+        u3, dl3, z3 = _load_channels(p + 5 * step, t + 5 < t_end,
+                                     u_ptr, delta_ptr, z_ptr, row, dt_row, z_row, su_l, sdt_l, sz_l, mask_d,
+                                     WRITE_OUT, HAS_Z)
+        B0, C0 = _load_states(p + 2 * step, t + 2 < t_end, B_ptr, C_ptr, bc_row, sB_l, mask_n, WRITE_OUT)
+        B1, C1 = _load_states(p + 3 * step, t + 3 < t_end, B_ptr, C_ptr, bc_row, sB_l, mask_n, WRITE_OUT)
         h, dt = _advance(h, cu0, cd0, cB0, A, bias, True, SOFTPLUS)
         dt_sum += dt
         if WRITE_OUT:
